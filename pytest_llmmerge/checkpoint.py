@@ -1,0 +1,389 @@
+"""Read a model or adapter directory without torch: JSON configs, tokenizer files and
+safetensors headers.
+
+Nothing here reads tensor data: a 70B checkpoint is inspected by reading a few kilobytes of
+each shard.  Every reader records *why* a file could not be read instead of raising, so that
+the integrity checks can turn one broken file into one finding and still check the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, BinaryIO
+
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+CHAT_TEMPLATE_JSON = "chat_template.json"
+SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+# Bytes per element of every dtype the safetensors format defines.
+DTYPE_SIZES: dict[str, float] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+    "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
+}
+# A real header is a few MB at most; a larger length prefix means the file is not safetensors.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+_SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+
+
+class HeaderError(ValueError):
+    """A safetensors file whose header cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of one safetensors file; `data_bytes` is what the file really holds."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    header_bytes: int
+    data_bytes: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_bytes
+
+    def overruns(self) -> list[tuple[str, TensorInfo]]:
+        """Tensors whose data would lie past the end of the file (a truncated file)."""
+        return [(n, t) for n, t in self.tensors.items() if t.end > self.data_bytes]
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate a safetensors header; raises HeaderError saying what is wrong."""
+    size = path.stat().st_size
+    # Unbuffered, exact reads: a buffered reader would pull tensor bytes in after the header.
+    with path.open("rb", buffering=0) as fh:
+        prefix = _read_exactly(fh, 8)
+        if len(prefix) < 8:
+            raise HeaderError(f"file is {size} bytes, shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or length > size - 8:
+            raise HeaderError(f"header length field says {length} bytes but the file has {size - 8} after it")
+        raw = _read_exactly(fh, length)
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"header is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise HeaderError("header JSON is not an object")
+    metadata_raw = parsed.pop("__metadata__", {}) or {}
+    metadata = {str(k): str(v) for k, v in metadata_raw.items()} if isinstance(metadata_raw, dict) else {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in parsed.items():
+        tensors[name] = _tensor_info(name, entry)
+    return SafetensorsHeader(path, tensors, metadata, length, size - 8 - length)
+
+
+def _read_exactly(fh: BinaryIO, count: int) -> bytes:
+    chunks, left = [], count
+    while left > 0:
+        chunk = fh.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _tensor_info(name: str, entry: Any) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderError(f"entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise HeaderError(f"tensor {name!r} has invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    expected = math.ceil(math.prod(shape) * DTYPE_SIZES[dtype])
+    if offsets[1] - offsets[0] != expected:
+        raise HeaderError(
+            f"tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets span "
+            f"{offsets[1] - offsets[0]}")
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+@dataclass(frozen=True)
+class JsonFile:
+    """A JSON file's content, or why it could not be read (missing is `exists=False`)."""
+
+    name: str
+    exists: bool
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exists and self.error is None
+
+
+def shard_name_parts(name: str) -> tuple[str, int, int] | None:
+    """(prefix, index, total) for a canonical `prefix-00001-of-00003.safetensors` name."""
+    match = _SHARD_NAME.match(name)
+    if match is None:
+        return None
+    return match["prefix"], int(match["index"]), int(match["total"])
+
+
+@dataclass
+class Checkpoint:
+    """Lazy, cached view of one checkpoint directory."""
+
+    path: Path
+    _json: dict[str, JsonFile] = field(default_factory=dict, repr=False)
+    _headers: dict[str, SafetensorsHeader | HeaderError] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def files(self) -> frozenset[str]:
+        """Names of the regular files directly in the directory."""
+        if not self.path.is_dir():
+            return frozenset()
+        return frozenset(p.name for p in self.path.iterdir() if p.is_file())
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def json(self, name: str) -> JsonFile:
+        if name not in self._json:
+            self._json[name] = self._read_json(name)
+        return self._json[name]
+
+    def _read_json(self, name: str) -> JsonFile:
+        if not self.has(name):
+            return JsonFile(name, exists=False)
+        try:
+            text = (self.path / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return JsonFile(name, exists=True, error=f"cannot be read: {exc}")
+        try:
+            return JsonFile(name, exists=True, value=json.loads(text))
+        except json.JSONDecodeError as exc:
+            return JsonFile(name, exists=True, error=f"is not valid JSON: {exc}")
+
+    def json_object(self, name: str) -> dict[str, Any]:
+        """The file's top-level object, or {} when missing, unreadable or not an object."""
+        value = self.json(name).value
+        return value if isinstance(value, dict) else {}
+
+    # --- configs -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.json_object(CONFIG)
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        return self.json_object(GENERATION_CONFIG)
+
+    @property
+    def config_dtype(self) -> str | None:
+        # transformers v5 writes "dtype"; v4 wrote "torch_dtype".
+        value = self.config.get("dtype", self.config.get("torch_dtype"))
+        return str(value) if value is not None else None
+
+    def generation_eos_ids(self) -> set[int] | None:
+        """The eos ids generation stops at, or None when generation_config names none."""
+        return _id_set(self.generation_config.get("eos_token_id"))
+
+    # --- tokenizer -------------------------------------------------------------------------
+
+    @property
+    def tokenizer_config(self) -> dict[str, Any]:
+        return self.json_object(TOKENIZER_CONFIG)
+
+    @cached_property
+    def token_ids(self) -> dict[str, int]:
+        """Token content -> id from tokenizer.json's vocabulary and added tokens."""
+        tok = self.json_object(TOKENIZER_JSON)
+        ids: dict[str, int] = {}
+        vocab = (tok.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids.update({str(k): int(v) for k, v in vocab.items() if isinstance(v, int)})
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], id is the position
+            ids.update({str(item[0]): i for i, item in enumerate(vocab) if isinstance(item, list) and item})
+        for added in self.added_tokens():
+            ids[added["content"]] = added["id"]
+        return ids
+
+    def added_tokens(self) -> list[dict[str, Any]]:
+        """Added tokens as {id, content, special}, from tokenizer.json or tokenizer_config.json."""
+        tok = self.json_object(TOKENIZER_JSON)
+        found: dict[int, dict[str, Any]] = {}
+        for entry in tok.get("added_tokens") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), int):
+                found[entry["id"]] = {"id": entry["id"], "content": str(entry.get("content")),
+                                      "special": bool(entry.get("special", False))}
+        decoder = self.tokenizer_config.get("added_tokens_decoder")
+        if isinstance(decoder, dict):
+            for key, entry in decoder.items():
+                if isinstance(entry, dict) and str(key).isdigit() and int(key) not in found:
+                    found[int(key)] = {"id": int(key), "content": str(entry.get("content")),
+                                       "special": bool(entry.get("special", False))}
+        return [found[i] for i in sorted(found)]
+
+    def tokenizer_rows_needed(self) -> int | None:
+        """Embedding rows the tokenizer needs (its largest id + 1), None when unknown."""
+        ids = self.token_ids
+        return max(ids.values()) + 1 if ids else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """Role -> token content (bos/eos/unk/pad/..., plus additional ones by position)."""
+        merged: dict[str, Any] = {}
+        for source in (self.json_object(SPECIAL_TOKENS_MAP), self.tokenizer_config):
+            for key in SPECIAL_TOKEN_KEYS:
+                if key in source and source[key] is not None:
+                    merged[key] = source[key]
+            for key in ("additional_special_tokens", "extra_special_tokens"):
+                extra = source.get(key)
+                if isinstance(extra, list) and extra:
+                    merged["additional_special_tokens"] = extra
+                elif isinstance(extra, dict) and extra:
+                    merged.update({f"extra:{k}": v for k, v in extra.items()})
+        out: dict[str, str] = {}
+        for key, value in merged.items():
+            if key == "additional_special_tokens":
+                for i, item in enumerate(value):
+                    out[f"additional_special_tokens[{i}]"] = _token_content(item)
+            else:
+                out[key] = _token_content(value)
+        return out
+
+    def tokenizer_eos(self) -> tuple[str, int | None] | None:
+        """(content, id) of the tokenizer's eos token, None when it declares none."""
+        content = self.special_tokens().get("eos_token")
+        if not content:
+            return None
+        return content, self.token_ids.get(content)
+
+    def chat_template(self) -> tuple[str, str] | None:
+        """(template, file it came from); the standalone files win, as transformers loads them."""
+        if self.has(CHAT_TEMPLATE_JINJA):
+            try:
+                return (self.path / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8"), CHAT_TEMPLATE_JINJA
+            except (OSError, UnicodeDecodeError):
+                return None
+        for name in (CHAT_TEMPLATE_JSON, TOKENIZER_CONFIG):
+            template = _pick_template(self.json_object(name).get("chat_template"))
+            if template:
+                return template, name
+        return None
+
+    # --- weights ---------------------------------------------------------------------------
+
+    @property
+    def safetensors_files(self) -> list[str]:
+        return sorted(n for n in self.files if n.endswith(".safetensors"))
+
+    @property
+    def pickle_files(self) -> list[str]:
+        return sorted(n for n in self.files if n.endswith(PICKLE_SUFFIXES)
+                      and not n.startswith(("training_args", "optimizer", "scheduler", "rng_state")))
+
+    @property
+    def index_files(self) -> list[str]:
+        return sorted(n for n in self.files if n.endswith(SAFETENSORS_INDEX_SUFFIX))
+
+    def index_weight_map(self) -> dict[str, str] | None:
+        """tensor -> shard from the (first) safetensors index, None without a usable index."""
+        if not self.index_files:
+            return None
+        weight_map = self.json_object(self.index_files[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            return None
+        return {str(k): str(v) for k, v in weight_map.items()}
+
+    def header(self, name: str) -> SafetensorsHeader | HeaderError:
+        if name not in self._headers:
+            try:
+                self._headers[name] = read_safetensors_header(self.path / name)
+            except HeaderError as exc:
+                self._headers[name] = exc
+            except OSError as exc:
+                self._headers[name] = HeaderError(f"cannot be read: {exc}")
+        return self._headers[name]
+
+    def model_weight_files(self) -> list[str]:
+        """The safetensors files that hold the model (adapter files excluded)."""
+        return [n for n in self.safetensors_files if not n.startswith("adapter_model")]
+
+    def tensor_shapes(self) -> dict[str, TensorInfo]:
+        """Every tensor whose header could be read; tensors in broken shards are absent."""
+        out: dict[str, TensorInfo] = {}
+        for name in self.model_weight_files():
+            header = self.header(name)
+            if isinstance(header, SafetensorsHeader):
+                out.update(header.tensors)
+        return out
+
+    def tensor_names(self) -> set[str]:
+        """Tensor names the checkpoint declares: the index where there is one, else headers."""
+        names = set(self.tensor_shapes())
+        weight_map = self.index_weight_map()
+        if weight_map is not None:
+            names |= set(weight_map)
+        return names
+
+    def embedding_rows(self) -> int | None:
+        """Rows of the input embedding matrix, from the headers."""
+        for name, info in self.tensor_shapes().items():
+            if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and info.shape:
+                return info.shape[0]
+        return None
+
+
+def _id_set(value: Any) -> set[int] | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return set(value)
+    return None
+
+
+def _token_content(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return str(value)
+
+
+def _pick_template(value: Any) -> str | None:
+    """The default template from a string or a list of named templates."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list):
+        named = {str(t.get("name")): t.get("template") for t in value if isinstance(t, dict)}
+        chosen = named.get("default") or next(iter(named.values()), None)
+        return chosen if isinstance(chosen, str) and chosen.strip() else None
+    return None

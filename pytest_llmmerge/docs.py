@@ -1,0 +1,27 @@
+"""Markdown tables for the README, generated from the code so the docs cannot drift.
+
+`python -m pytest_llmmerge.docs` prints them; a test checks the README holds them verbatim.
+"""
+
+from __future__ import annotations
+
+from .integrity import CHECKS, CODES
+from .settings import OPTIONS
+
+
+def codes_table() -> str:
+    owner = {code: check.name for check in CHECKS for code in check.codes}
+    rows = ["| code | item | what it flags | field failure it catches |", "|---|---|---|---|"]
+    rows += [f"| {code} | `integrity::{owner[code]}` | {what} | {story} |" for code, (what, story) in CODES.items()]
+    return "\n".join(rows)
+
+
+def options_table() -> str:
+    rows = ["| flag | ini | environment | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{s.flag}{' ' + s.metavar if s.metavar else ''}` | `{s.ini}` | `{s.env}` | {s.help} |"
+             for s in OPTIONS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(options_table(), codes_table(), sep="\n\n")

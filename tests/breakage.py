@@ -1,0 +1,300 @@
+"""Break a copy of a healthy checkpoint in exactly one way, the way merges break in the field.
+
+Each breakage is a function over a directory that is already a copy; BREAKAGES maps its name
+to (function, error codes expected with a base, error codes expected without one).  The
+breakages look at what is in the directory (index or single file, where the chat template
+lives) rather than assuming the fixture's layout, so they also apply to other checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+Breakage = Callable[[Path], None]
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _edit(path: Path, change: Callable[[Any], Any]) -> None:
+    value = _read(path)
+    result = change(value)
+    _write(path, value if result is None else result)
+
+
+def shards(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+
+
+def _index(ckpt: Path) -> Path | None:
+    found = sorted(ckpt.glob("*.safetensors.index.json"))
+    return found[0] if found else None
+
+
+def _shard_holding(ckpt: Path, suffix: str) -> tuple[Path, str]:
+    """(shard file, tensor name) of the first tensor whose name ends with `suffix`."""
+    for shard in shards(ckpt):
+        for name in load_file(str(shard)):
+            if name.endswith(suffix):
+                return shard, name
+    raise LookupError(f"no tensor ending with {suffix} in {ckpt}")
+
+
+def _rewrite_shard(ckpt: Path, shard: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:
+    """Rewrite one shard with valid headers and keep the index in step with it."""
+    tensors = load_file(str(shard))
+    change(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = _index(ckpt)
+    if index is not None:
+        def sync(value: dict[str, Any]) -> None:
+            weight_map = value["weight_map"]
+            for name in [n for n, s in weight_map.items() if s == shard.name and n not in tensors]:
+                del weight_map[name]
+            weight_map.update({name: shard.name for name in tensors})
+        _edit(index, sync)
+
+
+def no_generation_config(ckpt: Path) -> None:
+    (ckpt / "generation_config.json").unlink()
+
+
+def empty_generation_config(ckpt: Path) -> None:
+    _write(ckpt / "generation_config.json", {})
+
+
+def _end_of_turn_id(ckpt: Path) -> int:
+    content = "<|im_end|>"
+    for token in _read(ckpt / "tokenizer.json")["added_tokens"]:
+        if token["content"] == content:
+            return int(token["id"])
+    raise LookupError("no <|im_end|> token")
+
+
+def end_of_turn_dropped_from_eos(ckpt: Path) -> None:
+    """EasyR1 #11007: eos regenerated from config.json, <|im_end|> lost."""
+    eot = _end_of_turn_id(ckpt)
+
+    def drop(gen: dict[str, Any]) -> None:
+        eos = gen["eos_token_id"]
+        gen["eos_token_id"] = [i for i in (eos if isinstance(eos, list) else [eos]) if i != eot]
+    _edit(ckpt / "generation_config.json", drop)
+
+
+def tokenizer_eos_dropped_from_eos(ckpt: Path) -> None:
+    """Only the end-of-turn id kept: vLLM still stops at the tokenizer's eos, HF does not."""
+    _edit(ckpt / "generation_config.json", lambda gen: gen.update(eos_token_id=[_end_of_turn_id(ckpt)]))
+
+
+def chat_template_deleted(ckpt: Path) -> None:
+    """LlamaFactory #8399: the template is gone from every place transformers looks."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (ckpt / name).unlink(missing_ok=True)
+    _edit(ckpt / "tokenizer_config.json", lambda cfg: cfg.pop("chat_template", None) and None)
+
+
+def chat_template_edited(ckpt: Path) -> None:
+    jinja = ckpt / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(jinja.read_text(encoding="utf-8").replace("\\n", " "), encoding="utf-8")
+    else:
+        _edit(ckpt / "tokenizer_config.json",
+              lambda cfg: cfg.update(chat_template=cfg["chat_template"].replace("\\n", " ")))
+
+
+def chat_template_broken(ckpt: Path) -> None:
+    template = "{% for message in messages %}{{ message['content'] | no_such_filter }}{% endfor %}"
+    jinja = ckpt / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(template, encoding="utf-8")
+    else:
+        _edit(ckpt / "tokenizer_config.json", lambda cfg: cfg.update(chat_template=template))
+
+
+def special_token_changed(ckpt: Path) -> None:
+    """The tokenizer's eos rewritten to the end-of-turn token after chat fine-tuning."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (ckpt / name).exists():
+            _edit(ckpt / name, lambda cfg: cfg.update(eos_token="<|im_end|>") if "eos_token" in cfg else None)
+
+
+def added_token_removed(ckpt: Path) -> None:
+    """transformers v5 save dropped an added token (NeMo Automodel PR #2653)."""
+    victim = "<|im_start|>"
+    _edit(ckpt / "tokenizer.json",
+          lambda tok: tok.update(added_tokens=[t for t in tok["added_tokens"] if t["content"] != victim]))
+    _edit(ckpt / "tokenizer_config.json", lambda cfg: cfg.update(added_tokens_decoder={
+        k: v for k, v in cfg.get("added_tokens_decoder", {}).items() if v["content"] != victim}))
+
+
+def tokenizer_files_missing(ckpt: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        (ckpt / name).unlink(missing_ok=True)
+
+
+def config_missing(ckpt: Path) -> None:
+    (ckpt / "config.json").unlink()
+
+
+def model_type_changed(ckpt: Path) -> None:
+    _edit(ckpt / "config.json", lambda cfg: cfg.update(model_type="mistral"))
+
+
+def vocab_size_changed(ckpt: Path) -> None:
+    _edit(ckpt / "config.json", lambda cfg: cfg.update(vocab_size=cfg["vocab_size"] + 64))
+
+
+def tie_flag_flipped(ckpt: Path) -> None:
+    _edit(ckpt / "config.json", lambda cfg: cfg.update(tie_word_embeddings=not cfg.get("tie_word_embeddings", False)))
+
+
+def shard_deleted(ckpt: Path) -> None:
+    shards(ckpt)[-1].unlink()
+
+
+def shard_truncated(ckpt: Path) -> None:
+    """A shard cut short by 1 KiB, as a killed writer or a full disk leaves it."""
+    shard = shards(ckpt)[-1]
+    with shard.open("r+b") as fh:
+        fh.truncate(shard.stat().st_size - 1024)
+
+
+def header_corrupted(ckpt: Path) -> None:
+    """Bytes inside the JSON header overwritten."""
+    shard = shards(ckpt)[0]
+    with shard.open("r+b") as fh:
+        fh.seek(8 + 20)
+        fh.write(b"\x00\xff\x00\xff" * 4)
+
+
+def interrupted_merge(ckpt: Path) -> None:
+    """mergekit killed before its last step: shards named model-N.safetensors, no index."""
+    index = _index(ckpt)
+    if index is not None:
+        index.unlink()
+    files = shards(ckpt)
+    if len(files) == 1:  # a single-file checkpoint: split it so there is something to rename
+        tensors = load_file(str(files[0]))
+        names = sorted(tensors)
+        half = len(names) // 2
+        files[0].unlink()
+        save_file({n: tensors[n] for n in names[:half]}, str(ckpt / "model-1.safetensors"))
+        save_file({n: tensors[n] for n in names[half:]}, str(ckpt / "model-2.safetensors"))
+        return
+    for i, shard in enumerate(files, 1):
+        shard.rename(ckpt / f"model-{i}.safetensors")
+
+
+def lora_key_left(ckpt: Path) -> None:
+    """An adapter tensor saved into the merged weights."""
+    shard, name = _shard_holding(ckpt, "q_proj.weight")
+    prefix = name[: -len(".weight")]
+
+    def add(tensors: dict[str, np.ndarray]) -> None:
+        tensors[f"{prefix}.lora_A.default.weight"] = np.zeros((8, tensors[name].shape[1]), dtype=tensors[name].dtype)
+    _rewrite_shard(ckpt, shard, add)
+
+
+def tensor_shape_changed(ckpt: Path) -> None:
+    shard, name = _shard_holding(ckpt, "gate_proj.weight")
+
+    def shrink(tensors: dict[str, np.ndarray]) -> None:
+        tensors[name] = np.ascontiguousarray(tensors[name][:-16])
+    _rewrite_shard(ckpt, shard, shrink)
+
+
+def tensor_missing(ckpt: Path) -> None:
+    """A trained lm_head dropped at save (unsloth PR #9331)."""
+    shard, name = _shard_holding(ckpt, "lm_head.weight")
+    _rewrite_shard(ckpt, shard, lambda tensors: tensors.pop(name) and None)
+
+
+def index_points_to_wrong_shard(ckpt: Path) -> None:
+    index = _index(ckpt)
+    assert index is not None, "needs a sharded checkpoint"
+
+    def move(value: dict[str, Any]) -> None:
+        weight_map = value["weight_map"]
+        first = sorted(weight_map)[0]
+        others = sorted({s for s in weight_map.values() if s != weight_map[first]})
+        weight_map[first] = others[0]
+    _edit(index, move)
+
+
+def pickle_only(ckpt: Path) -> None:
+    """Weights shipped as a pickle: safetensors replaced by pytorch_model.bin."""
+    import torch
+
+    state = {}
+    for shard in shards(ckpt):
+        state.update({k: torch.from_numpy(v) for k, v in load_file(str(shard)).items()})
+        shard.unlink()
+    index = _index(ckpt)
+    if index is not None:
+        index.unlink()
+    torch.save(state, ckpt / "pytorch_model.bin")
+
+
+def auto_map_added(ckpt: Path) -> None:
+    _edit(ckpt / "config.json", lambda cfg: cfg.update(
+        auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}))
+
+
+def adapter_config_left(ckpt: Path) -> None:
+    _write(ckpt / "adapter_config.json", {"peft_type": "LORA", "base_model_name_or_path": "some/base", "r": 8})
+
+
+def orphan_shard(ckpt: Path) -> None:
+    """A leftover file from an earlier save with another shard count: only a warning."""
+    shutil.copyfile(shards(ckpt)[0], ckpt / "model-00001-of-00009.safetensors")
+
+
+# name -> (breakage, error codes with --llm-base, error codes without it)
+BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
+    "no_generation_config": (no_generation_config, {"GEN001"}, {"GEN001"}),
+    "empty_generation_config": (empty_generation_config, {"GEN002"}, {"GEN002"}),
+    # Dropping <|im_end|> both loses a base eos id and leaves chat turns without a stop token.
+    "end_of_turn_dropped_from_eos": (end_of_turn_dropped_from_eos, {"GEN003", "GEN005"}, {"GEN005"}),
+    "tokenizer_eos_dropped_from_eos": (tokenizer_eos_dropped_from_eos, {"GEN003", "GEN004"}, {"GEN004"}),
+    "chat_template_deleted": (chat_template_deleted, {"TOK004"}, set()),
+    "chat_template_edited": (chat_template_edited, {"TOK005"}, set()),
+    "chat_template_broken": (chat_template_broken, {"TOK006"}, set()),
+    "special_token_changed": (special_token_changed, {"TOK002"}, set()),
+    "added_token_removed": (added_token_removed, {"TOK003"}, set()),
+    "tokenizer_files_missing": (tokenizer_files_missing, {"TOK001"}, {"TOK001"}),
+    "config_missing": (config_missing, {"CFG001"}, {"CFG001"}),
+    "model_type_changed": (model_type_changed, {"CFG002"}, set()),
+    "vocab_size_changed": (vocab_size_changed, {"CFG004"}, {"CFG004"}),
+    "tie_flag_flipped": (tie_flag_flipped, {"CFG007"}, set()),
+    "shard_deleted": (shard_deleted, {"WGT002"}, {"WGT002"}),
+    "shard_truncated": (shard_truncated, {"WGT006"}, {"WGT006"}),
+    "header_corrupted": (header_corrupted, {"WGT005"}, {"WGT005"}),
+    "interrupted_merge": (interrupted_merge, {"WGT004"}, {"WGT004"}),
+    "index_points_to_wrong_shard": (index_points_to_wrong_shard, {"WGT011"}, {"WGT011"}),
+    "lora_key_left": (lora_key_left, {"WGT010"}, {"WGT010"}),
+    "tensor_shape_changed": (tensor_shape_changed, {"WGT008"}, set()),
+    "tensor_missing": (tensor_missing, {"WGT007"}, set()),
+    "pickle_only": (pickle_only, {"SAF001"}, {"SAF001"}),
+    "auto_map_added": (auto_map_added, {"SAF002"}, {"SAF002"}),
+    "adapter_config_left": (adapter_config_left, {"WGT012"}, {"WGT012"}),
+    "orphan_shard": (orphan_shard, set(), set()),
+}
+
+
+def broken_copy(healthy: Path, dest: Path, name: str) -> Path:
+    """Copy `healthy` to `dest` and apply breakage `name`."""
+    shutil.copytree(healthy, dest)
+    BREAKAGES[name][0](dest)
+    return dest

@@ -1,0 +1,131 @@
+"""Every integrity check proven both ways on the real fixture checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from breakage import BREAKAGES
+from conftest import BASE, MERGED
+from pytest_llmmerge.checkpoint import Checkpoint
+from pytest_llmmerge.integrity import CHECKS, CODES, CheckOutcome, Context, run_all
+
+
+def scan(model: Path, base: Path | None = BASE, **flags: bool) -> list[CheckOutcome]:
+    return run_all(Context(Checkpoint(model), Checkpoint(base) if base else None, **flags))
+
+
+def error_codes(outcomes: list[CheckOutcome]) -> set[str]:
+    return {f.code for o in outcomes for f in o.errors}
+
+
+def test_healthy_merged_model_passes_every_check() -> None:
+    outcomes = scan(MERGED)
+    assert error_codes(outcomes) == set()
+    assert [o.check.name for o in outcomes if o.skipped] == []
+    assert [f.render() for o in outcomes for f in o.warnings] == []
+
+
+def test_healthy_base_passes_against_itself() -> None:
+    assert error_codes(scan(BASE)) == set()
+
+
+def test_without_base_the_base_checks_are_skipped_not_passed() -> None:
+    outcomes = scan(MERGED, base=None)
+    skipped = {o.check.name for o in outcomes if o.skipped}
+    assert skipped == {c.name for c in CHECKS if c.needs_base}
+    assert all("--llm-base" in (o.skipped or "") for o in outcomes if o.check.needs_base)
+
+
+@pytest.mark.parametrize("name", sorted(BREAKAGES))
+def test_each_breakage_fails_exactly_its_codes(name: str, broken: Callable[[str], Path]) -> None:
+    model = broken(name)
+    _, with_base, _ = BREAKAGES[name]
+    outcomes = scan(model)
+    assert error_codes(outcomes) == with_base
+    for outcome in outcomes:
+        for finding in outcome.errors:
+            # The finding names a file a user can open, and says what is wrong in words.
+            assert finding.file and finding.file in finding.render()
+            assert (model / finding.file).exists() or finding.code in {"WGT002", "GEN001", "CFG001", "TOK004",
+                                                                       "WGT001", "TOK001"}
+            assert len(finding.message) > 20
+
+
+@pytest.mark.parametrize("name", sorted(BREAKAGES))
+def test_each_breakage_without_base(name: str, broken: Callable[[str], Path]) -> None:
+    _, _, without_base = BREAKAGES[name]
+    assert error_codes(scan(broken(name), base=None)) == without_base
+
+
+def test_generation_findings_name_ids_with_their_tokens(broken: Callable[[str], Path]) -> None:
+    messages = [f.message for o in scan(broken("end_of_turn_dropped_from_eos")) for f in o.errors]
+    assert any("<|im_end|>" in m and "lacks the base's" in m for m in messages)
+    assert any("ends assistant turns with" in m and "Fix:" in m for m in messages)
+
+
+def test_truncation_message_gives_the_missing_bytes(broken: Callable[[str], Path]) -> None:
+    (finding,) = [f for o in scan(broken("shard_truncated")) for f in o.errors]
+    assert "1024 bytes missing" in finding.message
+    assert finding.file.endswith(".safetensors")
+
+
+def test_allow_flags_turn_safety_errors_into_warnings(broken: Callable[[str], Path]) -> None:
+    pickled = scan(broken("pickle_only"), allow_pickle=True)
+    assert error_codes(pickled) == set()
+    assert {f.code for o in pickled for f in o.warnings} == {"SAF001"}
+    custom = scan(broken("auto_map_added"), trust_remote_code=True)
+    assert error_codes(custom) == set()
+    assert {f.code for o in custom for f in o.warnings} == {"SAF002"}
+
+
+def test_orphan_shard_is_a_warning(broken: Callable[[str], Path]) -> None:
+    outcomes = scan(broken("orphan_shard"))
+    assert {f.code for o in outcomes for f in o.warnings} == {"WGT003"}
+
+
+def test_inherited_eos_gap_is_only_a_warning(tmp_path: Path, broken: Callable[[str], Path]) -> None:
+    """A base with the same gap as the model: the merge did not cause it, so it warns."""
+    model = broken("tokenizer_eos_dropped_from_eos")
+    import shutil
+    from breakage import tokenizer_eos_dropped_from_eos
+    base = tmp_path / "base-with-gap"
+    shutil.copytree(BASE, base)
+    tokenizer_eos_dropped_from_eos(base)
+    outcomes = scan(model, base=base)
+    assert error_codes(outcomes) == set()
+    assert "GEN004" in {f.code for o in outcomes for f in o.warnings}
+
+
+def test_every_code_belongs_to_exactly_one_check() -> None:
+    owned = [code for check in CHECKS for code in check.codes]
+    assert sorted(owned) == sorted(CODES)
+
+
+def test_scan_reads_no_tensor_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan reads headers only: the bytes read stay far below the weights' size."""
+    import builtins
+    read = 0
+    real_open = builtins.open
+
+    class Counting:
+        def __init__(self, fh): self.fh = fh
+        def read(self, n: int = -1):
+            nonlocal read
+            data = self.fh.read(n)
+            read += len(data)
+            return data
+        def __getattr__(self, name): return getattr(self.fh, name)
+        def __enter__(self): return self
+        def __exit__(self, *exc): return self.fh.__exit__(*exc)
+
+    def counting_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        fh = real_open(file, mode, *args, **kwargs)
+        return Counting(fh) if "b" in mode and str(file).endswith(".safetensors") else fh
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: counting_open(self, mode, *a, **k))
+    assert error_codes(scan(MERGED)) == set()
+    weights = sum(p.stat().st_size for p in MERGED.glob("*.safetensors"))
+    assert 0 < read < weights / 20

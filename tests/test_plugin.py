@@ -1,0 +1,137 @@
+"""The pytest wiring, tested through real pytest runs (pytester, in subprocesses)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from breakage import BREAKAGES
+from conftest import BASE, MERGED
+from pytest_llmmerge.integrity import CHECKS
+from pytest_llmmerge.settings import OPTIONS
+
+HEAVY = ("torch", "transformers", "peft", "vllm", "safetensors")
+N_CHECKS = len(CHECKS)
+N_BASE_CHECKS = sum(c.needs_base for c in CHECKS)
+
+
+def test_help_lists_every_option_in_one_group_without_importing_torch() -> None:
+    code = ("import sys, pytest\n"
+            "pytest.main(['--help'])\n"
+            f"print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    group = out[out.index("LLM merge gating (pytest-llmmerge)"):]
+    for spec in OPTIONS:
+        assert spec.flag in group
+        assert f"{spec.ini} (" in out  # the ini twin is listed in the ini section
+    assert "HEAVY []" in out
+
+
+def test_no_items_without_model(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest_subprocess("-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("*integrity::*")
+
+
+def test_healthy_model_with_base_passes_every_item(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        "import sys\n"
+        "def pytest_sessionfinish(session):\n"
+        f"    heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        "    print('HEAVY', heavy)\n")
+    result = pytester.runpytest_subprocess("--llm-model", str(MERGED), "--llm-base", str(BASE), "-v", "-s")
+    result.assert_outcomes(passed=N_CHECKS)
+    result.stdout.fnmatch_lines(["llmmerge model: *merged", "*integrity::config PASSED*",
+                                 "*integrity::weights_vs_base PASSED*", "HEAVY []"])
+
+
+def test_items_run_even_when_a_test_path_holds_no_tests(pytester: pytest.Pytester) -> None:
+    (pytester.path / "suites").mkdir()
+    result = pytester.runpytest_subprocess("--llm-model", str(MERGED), "--llm-base", str(BASE), "suites")
+    result.assert_outcomes(passed=N_CHECKS)
+    assert result.ret == 0
+
+
+def test_without_base_base_checks_are_skipped(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--llm-model", str(MERGED), "-rs")
+    result.assert_outcomes(passed=N_CHECKS - N_BASE_CHECKS, skipped=N_BASE_CHECKS)
+    result.stdout.fnmatch_lines(["*needs --llm-base*"])
+
+
+def test_ini_twins(pytester: pytest.Pytester) -> None:
+    pytester.makeini(f"[pytest]\nllm_model = {MERGED}\nllm_base = {BASE}\n")
+    pytester.runpytest_subprocess().assert_outcomes(passed=N_CHECKS)
+
+
+def test_env_variables(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMMERGE_MODEL", str(MERGED))
+    monkeypatch.setenv("LLMMERGE_BASE", str(BASE))
+    pytester.runpytest_subprocess().assert_outcomes(passed=N_CHECKS)
+
+
+def test_cli_beats_env_beats_ini(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                 broken: Callable[[str], Path]) -> None:
+    bad = broken("no_generation_config")
+    pytester.makeini(f"[pytest]\nllm_model = {bad}\nllm_base = {BASE}\n")
+    pytester.runpytest_subprocess().assert_outcomes(passed=N_CHECKS - 2, failed=1, skipped=1)
+    monkeypatch.setenv("LLMMERGE_MODEL", str(MERGED))
+    pytester.runpytest_subprocess().assert_outcomes(passed=N_CHECKS)
+    monkeypatch.setenv("LLMMERGE_MODEL", str(bad))
+    pytester.runpytest_subprocess("--llm-model", str(MERGED)).assert_outcomes(passed=N_CHECKS)
+
+
+def test_keyword_selection_applies_to_generated_items(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--llm-model", str(MERGED), "--llm-base", str(BASE),
+                                           "-k", "generation_config")
+    result.assert_outcomes(passed=2, deselected=N_CHECKS - 2)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--llm-model", "does/not/exist"], "*--llm-model: *does/not/exist does not exist*"),
+    (["--llm-model", "empty"], "*--llm-model: *empty is empty*"),
+    (["--llm-model", str(MERGED), "--llm-adapter", str(MERGED)], "*--llm-adapter needs --llm-base*"),
+])
+def test_bad_paths_are_usage_errors(pytester: pytest.Pytester, args: list[str], message: str) -> None:
+    (pytester.path / "empty").mkdir()
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_bad_env_bool_is_a_usage_error_naming_the_variable(pytester: pytest.Pytester,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMMERGE_ALLOW_PICKLE", "maybe")
+    result = pytester.runpytest_subprocess("--llm-model", str(MERGED))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*environment variable LLMMERGE_ALLOW_PICKLE: 'maybe' is not a boolean*"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, codes, _) in BREAKAGES.items() if codes))
+def test_breakage_fails_its_items_with_code_and_file(pytester: pytest.Pytester, name: str,
+                                                     broken: Callable[[str], Path]) -> None:
+    model = broken(name)
+    _, codes, _ = BREAKAGES[name]
+    failing = sorted(c.name for c in CHECKS if set(c.codes) & codes)
+    result = pytester.runpytest_subprocess("--llm-model", str(model), "--llm-base", str(BASE), "-rfs")
+    output = result.stdout.str()
+    assert "INTERNALERROR" not in output + result.stderr.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    failed = sorted(line.split("::")[1].split()[0] for line in output.splitlines() if line.startswith("FAILED "))
+    assert failed == failing
+    for code in codes:
+        assert f"  {code} " in output
+    assert f"failed on {model}" in output
+
+
+def test_warning_findings_pass_with_a_visible_warning(pytester: pytest.Pytester,
+                                                      broken: Callable[[str], Path]) -> None:
+    model = broken("orphan_shard")
+    result = pytester.runpytest_subprocess("--llm-model", str(model), "--llm-base", str(BASE))
+    result.assert_outcomes(passed=N_CHECKS, warnings=1)
+    result.stdout.fnmatch_lines(["*IntegrityWarning: WGT003 warning: model-00001-of-00009.safetensors*"])

@@ -1,0 +1,93 @@
+"""Precedence and validation of settings: CLI > environment > ini > default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_llmmerge.settings import OPTIONS, Settings, SettingsError, resolve_settings
+
+
+def make_dirs(tmp_path: Path, *names: str) -> None:
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+
+
+def resolve(tmp_path: Path, cli: dict[str, object] | None = None, env: dict[str, str] | None = None,
+            ini: dict[str, object] | None = None) -> Settings:
+    return resolve_settings(cli=cli or {}, env=env or {}, ini=lambda key: (ini or {}).get(key),
+                            invocation_dir=tmp_path / "cwd", ini_dir=tmp_path)
+
+
+def test_defaults_leave_the_plugin_off(tmp_path: Path) -> None:
+    settings = resolve(tmp_path)
+    assert settings == Settings()
+    assert not settings.enabled
+
+
+def test_cli_beats_env_beats_ini(tmp_path: Path) -> None:
+    make_dirs(tmp_path, "cwd/cli", "cwd/env", "ini")
+    ini = {"llm_model": "ini"}
+    assert resolve(tmp_path, ini=ini).model == tmp_path / "ini"
+    assert resolve(tmp_path, env={"LLMMERGE_MODEL": "env"}, ini=ini).model == tmp_path / "cwd/env"
+    assert resolve(tmp_path, cli={"model": "cli"}, env={"LLMMERGE_MODEL": "env"}, ini=ini).model == \
+        tmp_path / "cwd/cli"
+
+
+def test_ini_paths_are_relative_to_the_ini_file(tmp_path: Path) -> None:
+    make_dirs(tmp_path, "m", "b", "a1", "a2")
+    settings = resolve(tmp_path, ini={"llm_model": "m", "llm_base": "b", "llm_adapters": ["a1", "a2"]})
+    assert settings.adapters == (tmp_path / "a1", tmp_path / "a2")
+    assert settings.base == tmp_path / "b"
+
+
+def test_adapters_from_env_keep_merge_order(tmp_path: Path) -> None:
+    make_dirs(tmp_path, "cwd/m", "cwd/b", "cwd/z", "cwd/a")
+    settings = resolve(tmp_path, cli={"model": "m", "base": "b"}, env={"LLMMERGE_ADAPTERS": os.pathsep.join(["z", "a"])})
+    assert [p.name for p in settings.adapters] == ["z", "a"]
+
+
+@pytest.mark.parametrize("raw,expected", [("1", True), ("yes", True), ("FALSE", False), ("off", False)])
+def test_bool_env_values(tmp_path: Path, raw: str, expected: bool) -> None:
+    assert resolve(tmp_path, env={"LLMMERGE_ALLOW_PICKLE": raw}).allow_pickle is expected
+
+
+def test_bool_precedence(tmp_path: Path) -> None:
+    assert resolve(tmp_path, ini={"llm_trust_remote_code": True}).trust_remote_code
+    assert not resolve(tmp_path, env={"LLMMERGE_TRUST_REMOTE_CODE": "0"},
+                       ini={"llm_trust_remote_code": True}).trust_remote_code
+    assert resolve(tmp_path, cli={"trust_remote_code": True},
+                   env={"LLMMERGE_TRUST_REMOTE_CODE": "0"}).trust_remote_code
+
+
+def test_bad_bool_names_its_source(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="environment variable LLMMERGE_ALLOW_PICKLE: 'maybe'"):
+        resolve(tmp_path, env={"LLMMERGE_ALLOW_PICKLE": "maybe"})
+    with pytest.raises(SettingsError, match="ini option llm_allow_pickle: 'perhaps'"):
+        resolve(tmp_path, ini={"llm_allow_pickle": "perhaps"})
+
+
+def test_missing_and_empty_directories_are_named(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"--llm-model: .*nowhere does not exist"):
+        resolve(tmp_path, cli={"model": "nowhere"})
+    (tmp_path / "cwd" / "empty").mkdir(parents=True)
+    with pytest.raises(SettingsError, match=r"--llm-model: .*empty is empty"):
+        resolve(tmp_path, cli={"model": "empty"})
+    (tmp_path / "cwd" / "file.txt").write_text("x")
+    with pytest.raises(SettingsError, match="not a directory"):
+        resolve(tmp_path, cli={"model": "file.txt"})
+
+
+def test_adapters_need_a_base(tmp_path: Path) -> None:
+    make_dirs(tmp_path, "cwd/m", "cwd/a")
+    with pytest.raises(SettingsError, match="--llm-adapter needs --llm-base"):
+        resolve(tmp_path, cli={"model": "m", "adapters": ["a"]})
+
+
+def test_every_option_has_three_distinct_spellings() -> None:
+    for spec in OPTIONS:
+        assert spec.flag.startswith("--llm-") and spec.ini.startswith("llm_") and spec.env.startswith("LLMMERGE_")
+    assert len({s.env for s in OPTIONS}) == len({s.ini for s in OPTIONS}) == len(OPTIONS)
