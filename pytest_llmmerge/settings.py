@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-OptionKind = Literal["path", "paths", "bool"]
+OptionKind = Literal["path", "paths", "bool", "int", "float", "str", "names"]
 
 
 class SettingsError(ValueError):
@@ -60,7 +60,38 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "LLMMERGE_TRUST_REMOTE_CODE", "bool",
         "accept checkpoints whose config has auto_map (custom Python code)",
     ),
+    OptionSpec(
+        "backends", "--llm-backend", "llm_backends", "LLMMERGE_BACKENDS", "names",
+        "backends that run the suites, comma-separated: hf, or module:Class of your own (default: hf)",
+        "NAMES",
+    ),
+    OptionSpec(
+        "suite_globs", "--llm-suite-glob", "llm_suite_globs", "LLMMERGE_SUITE_GLOBS", "names",
+        "file-name patterns of YAML suites to collect anywhere under the test paths, comma-separated "
+        "(suites named on the command line or inside a directory named there are always collected)",
+        "PATTERNS",
+    ),
+    OptionSpec(
+        "batch_size", "--llm-batch-size", "llm_batch_size", "LLMMERGE_BATCH_SIZE", "int",
+        "prompts generated together per worker (default 8; 1 pins every hang to its prompt at once)",
+        "N",
+    ),
+    OptionSpec(
+        "load_timeout_s", "--llm-load-timeout", "llm_load_timeout", "LLMMERGE_LOAD_TIMEOUT", "float",
+        "seconds a worker may take to load its model (default 900)", "SECONDS",
+    ),
+    OptionSpec(
+        "dtype", "--llm-dtype", "llm_dtype", "LLMMERGE_DTYPE", "str",
+        "dtype the backends load models in: auto (the checkpoint's), float32, bfloat16, float16 (default auto)",
+        "DTYPE",
+    ),
+    OptionSpec(
+        "device", "--llm-device", "llm_device", "LLMMERGE_DEVICE", "str",
+        "device of the HF backend: cpu, cuda, cuda:1 ... (default cpu)", "DEVICE",
+    ),
 )
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KNOWN_BACKENDS = ("hf",)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -75,6 +106,12 @@ class Settings:
     adapters: tuple[Path, ...] = ()
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    backends: tuple[str, ...] = ("hf",)
+    suite_globs: tuple[str, ...] = ()
+    batch_size: int = 8
+    load_timeout_s: float = 900.0
+    dtype: str = "auto"
+    device: str = "cpu"
 
     @property
     def enabled(self) -> bool:
@@ -90,16 +127,36 @@ def parse_bool(raw: str, where: str) -> bool:
     raise SettingsError(f"{where}: {raw!r} is not a boolean (use one of 1/0, true/false, yes/no, on/off)")
 
 
-def _paths_from(raw: object, where: str, relative_to: Path, kind: OptionKind) -> object:
-    """Turn a raw path value into absolute Path(s), relative paths taken from `relative_to`."""
-    if kind == "path":
+def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> object:
+    """Turn a raw value from one source into the option's type; errors name the source."""
+    if spec.kind == "bool":
+        return raw if isinstance(raw, bool) else parse_bool(str(raw), where)
+    if spec.kind == "path":
         text = str(raw).strip()
         if not text:
             raise SettingsError(f"{where}: empty path")
         return (relative_to / Path(text).expanduser()).resolve()
-    items = list(raw) if isinstance(raw, (list, tuple)) else str(raw).split(os.pathsep)
-    return tuple((relative_to / Path(str(p).strip()).expanduser()).resolve()
-                 for p in items if str(p).strip())
+    items = [str(p) for p in raw] if isinstance(raw, (list, tuple)) else None
+    if spec.kind == "paths":
+        parts = items if items is not None else str(raw).split(os.pathsep)
+        return tuple((relative_to / Path(p.strip()).expanduser()).resolve() for p in parts if p.strip())
+    if spec.kind == "names":
+        parts = items if items is not None else [str(raw)]
+        return tuple(n.strip() for p in parts for n in p.split(",") if n.strip())
+    if spec.kind in ("int", "float"):
+        try:
+            number = int(str(raw)) if spec.kind == "int" else float(str(raw))
+        except ValueError:
+            raise SettingsError(f"{where}: {raw!r} is not {'an integer' if spec.kind == 'int' else 'a number'}") \
+                from None
+        if number <= 0:
+            raise SettingsError(f"{where}: {raw!r} must be greater than 0")
+        return number
+    return str(raw).strip()
+
+
+def _given(value: object) -> bool:
+    return value is not None and value is not False and value != "" and value != [] and value != ()
 
 
 def resolve_settings(
@@ -119,35 +176,29 @@ def resolve_settings(
     """
     values: dict[str, object] = {}
     for spec in OPTIONS:
-        cli_value = cli.get(spec.dest)
-        if spec.kind == "bool":
-            if cli_value:
-                values[spec.dest] = True
-            elif spec.env in env:
-                values[spec.dest] = parse_bool(env[spec.env], f"environment variable {spec.env}")
-            else:
-                raw = ini(spec.ini)
-                if isinstance(raw, bool):
-                    values[spec.dest] = raw
-                elif raw not in (None, ""):
-                    values[spec.dest] = parse_bool(str(raw), f"ini option {spec.ini}")
-            continue
-        if cli_value:
-            values[spec.dest] = _paths_from(cli_value, spec.flag, invocation_dir, spec.kind)
-        elif env.get(spec.env, "").strip():
-            values[spec.dest] = _paths_from(
-                env[spec.env], f"environment variable {spec.env}", invocation_dir, spec.kind)
-        else:
-            raw = ini(spec.ini)
-            if raw:
-                values[spec.dest] = _paths_from(raw, f"ini option {spec.ini}", ini_dir, spec.kind)
+        sources = (
+            (cli.get(spec.dest), spec.flag, invocation_dir),
+            (env.get(spec.env) if spec.kind == "bool" or env.get(spec.env, "").strip() else None,
+             f"environment variable {spec.env}", invocation_dir),
+            (ini(spec.ini), f"ini option {spec.ini}", ini_dir),
+        )
+        for raw, where, relative_to in sources:
+            if _given(raw):
+                values[spec.dest] = _convert(spec, raw, where, relative_to)
+                break
     settings = Settings(**values)  # type: ignore[arg-type]
-    validate_paths(settings)
+    validate(settings)
     return settings
 
 
-def validate_paths(settings: Settings) -> None:
-    """Fail early, naming the option, when a given directory is missing or holds nothing."""
+def validate(settings: Settings) -> None:
+    """Fail early, naming the option: missing or empty directories, unknown names."""
+    if settings.dtype not in DTYPES:
+        raise SettingsError(f"--llm-dtype: {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    for name in settings.backends:
+        if name not in KNOWN_BACKENDS and ":" not in name:
+            raise SettingsError(f"--llm-backend: unknown backend {name!r} (use {', '.join(KNOWN_BACKENDS)} "
+                                "or module:Class)")
     named: list[tuple[str, Path]] = []
     if settings.model is not None:
         named.append(("--llm-model", settings.model))

@@ -218,7 +218,10 @@ def tensor_shape_changed(ckpt: Path) -> None:
 def tensor_missing(ckpt: Path) -> None:
     """A trained lm_head dropped at save (unsloth PR #9331)."""
     shard, name = _shard_holding(ckpt, "lm_head.weight")
-    _rewrite_shard(ckpt, shard, lambda tensors: tensors.pop(name) and None)
+
+    def drop(tensors: dict[str, np.ndarray]) -> None:
+        del tensors[name]
+    _rewrite_shard(ckpt, shard, drop)
 
 
 def index_points_to_wrong_shard(ckpt: Path) -> None:
