@@ -134,7 +134,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def _generated(collector: pytest.Collector) -> list[pytest.Item]:
     """Collect a generated collector and report it, so pytest counts its items as collected."""
     items = [i for i in collector.collect() if isinstance(i, pytest.Item)]
-    report = pytest.CollectReport(collector.nodeid, "passed", None, items)
+    result: list[pytest.Item | pytest.Collector] = list(items)
+    report = pytest.CollectReport(collector.nodeid, "passed", None, result)
     collector.config.hook.pytest_collectreport(report=report)
     return items
 
@@ -230,9 +231,8 @@ def _case_items(parent: pytest.Collector, suite: Suite) -> Iterator[CaseItem]:
     settings = parent.config.stash[SETTINGS_KEY]
     for case in suite.cases:
         for variant in case.variants:
-            for backend in case.backends:
-                if backend not in settings.backends:
-                    continue
+            # A case without `backends` runs on every backend of the run; one with them, on those.
+            for backend in (b for b in settings.backends if not case.backends or b in case.backends):
                 yield CaseItem.from_parent(parent, name=f"{case.id}[{variant}-{backend}]", case=case,
                                            variant=variant, backend=backend)
 
@@ -345,7 +345,8 @@ class CaseItem(pytest.Item):
         return "\n".join(lines)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, self.case.line, f"{self.case.id}[{self.variant}-{self.backend}]"
+        line = self.case.line - 1 if self.case.line is not None else None  # pytest counts from 0
+        return self.path, line, f"{self.case.id}[{self.variant}-{self.backend}]"
 
 
 def _runner(config: pytest.Config) -> Runner:

@@ -83,6 +83,11 @@ def _end_of_turn_id(ckpt: Path) -> int:
     raise LookupError("no <|im_end|> token")
 
 
+def eos_removed(ckpt: Path) -> None:
+    """generation_config.json without eos_token_id: HF generate has nothing to stop at."""
+    _edit(ckpt / "generation_config.json", lambda gen: gen.pop("eos_token_id", None) and None)
+
+
 def end_of_turn_dropped_from_eos(ckpt: Path) -> None:
     """EasyR1 #11007: eos regenerated from config.json, <|im_end|> lost."""
     eot = _end_of_turn_id(ckpt)
@@ -268,6 +273,7 @@ def orphan_shard(ckpt: Path) -> None:
 BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "no_generation_config": (no_generation_config, {"GEN001"}, {"GEN001"}),
     "empty_generation_config": (empty_generation_config, {"GEN002"}, {"GEN002"}),
+    "eos_removed": (eos_removed, {"GEN002"}, {"GEN002"}),
     # Dropping <|im_end|> both loses a base eos id and leaves chat turns without a stop token.
     "end_of_turn_dropped_from_eos": (end_of_turn_dropped_from_eos, {"GEN003", "GEN005"}, {"GEN005"}),
     "tokenizer_eos_dropped_from_eos": (tokenizer_eos_dropped_from_eos, {"GEN003", "GEN004"}, {"GEN004"}),

@@ -1,0 +1,75 @@
+"""Serve generation requests for many items through few workers, batching where it is safe.
+
+One worker per (variant, backend), loaded once.  When an item asks for its result, the next
+pending requests for the same worker are generated with it in one batch; the others find
+their result cached.  A batch that misses its deadline is not blamed on anyone: its members
+are marked to run alone, so the prompt that hangs is pinned down by its own deadline and the
+rest pass.  (A hanging prompt inside a batch so costs up to two deadlines.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Generation, GenRequest
+from .worker import DeadlineExceeded, RequestFailed, Worker, WorkerStats
+
+WorkerKey = tuple[str, str]  # (variant, backend)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request an item will make: its id, the request and its deadline."""
+
+    uid: Hashable
+    request: GenRequest
+    deadline_s: float
+
+
+@dataclass
+class Runner:
+    worker_kwargs: Callable[[str, str], tuple[str, dict[str, Any]]]  # (variant, backend) -> (backend spec, kwargs)
+    log_dir: Path
+    batch_size: int = 8
+    load_timeout_s: float = 900.0
+    on_status: Callable[[str], None] | None = None
+    workers: dict[WorkerKey, Worker] = field(default_factory=dict)
+    _done: dict[Hashable, Generation] = field(default_factory=dict)
+    _solo: set[Hashable] = field(default_factory=set)
+
+    def worker(self, key: WorkerKey) -> Worker:
+        if key not in self.workers:
+            spec, kwargs = self.worker_kwargs(*key)
+            self.workers[key] = Worker(label=f"{key[0]}-{key[1]}", backend=spec, kwargs=kwargs,
+                                       log_dir=self.log_dir, load_timeout_s=self.load_timeout_s,
+                                       on_status=self.on_status)
+        return self.workers[key]
+
+    def generate(self, key: WorkerKey, item: Pending, upcoming: Sequence[Pending] = ()) -> Generation:
+        """The generation for `item`; raises DeadlineExceeded / RequestFailed / WorkerError."""
+        if item.uid in self._done:
+            return self._done.pop(item.uid)
+        worker = self.worker(key)
+        batch = [item]
+        if item.uid not in self._solo:
+            batch += [p for p in upcoming if p.uid not in self._solo and p.uid not in self._done
+                      and p.uid != item.uid][: self.batch_size - 1]
+        if len(batch) > 1:
+            try:
+                results = worker.generate([p.request for p in batch], max(p.deadline_s for p in batch))
+            except (DeadlineExceeded, RequestFailed):
+                self._solo.update(p.uid for p in batch)
+            else:
+                self._done.update((p.uid, g) for p, g in zip(batch[1:], results[1:]))
+                return results[0]
+        return worker.generate([item.request], item.deadline_s)[0]
+
+    def stats(self) -> dict[str, WorkerStats]:
+        return {w.label: w.stats for w in self.workers.values()}
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
