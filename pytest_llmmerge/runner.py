@@ -55,11 +55,14 @@ class Runner:
         worker = self.worker(key)
         batch = [item]
         if item.uid not in self._solo:
+            # Same budget (no tokens generated only to be cut off) and same deadline (the batch's
+            # deadline is then every member's own).
             batch += [p for p in upcoming if p.uid not in self._solo and p.uid not in self._done
-                      and p.uid != item.uid][: self.batch_size - 1]
+                      and p.uid != item.uid and p.deadline_s == item.deadline_s
+                      and p.request.max_new_tokens == item.request.max_new_tokens][: self.batch_size - 1]
         if len(batch) > 1:
             try:
-                results = worker.generate([p.request for p in batch], max(p.deadline_s for p in batch))
+                results = worker.generate([p.request for p in batch], item.deadline_s)
             except (DeadlineExceeded, RequestFailed):
                 self._solo.update(p.uid for p in batch)
             else:
