@@ -356,10 +356,13 @@ def _runner(config: pytest.Config) -> Runner:
         from .runner import Runner
 
         settings = config.stash[SETTINGS_KEY]
+        # Under pytest-xdist every process has its own workers: share the cores between them.
+        processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+        threads = max(1, (os.cpu_count() or 1) // processes) if processes > 1 else None
 
         def worker_kwargs(variant: str, backend: str) -> tuple[str, dict[str, Any]]:
             return resolve_spec(backend), {"model_path": str(settings.model), "dtype": settings.dtype,
-                                           "device": settings.device,
+                                           "device": settings.device, "threads": threads,
                                            "trust_remote_code": settings.trust_remote_code}
 
         runner = Runner(worker_kwargs=worker_kwargs, log_dir=Path(tempfile.mkdtemp(prefix="llmmerge-workers-")),

@@ -32,10 +32,14 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_path: str, *, dtype: str = "auto", device: str = "cpu",
-                 trust_remote_code: bool = False, adapters: Sequence[str] = ()) -> None:
+                 trust_remote_code: bool = False, adapters: Sequence[str] = (), threads: int | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if threads:
+            # Several workers on few cores: oversubscribed OpenMP threads spin against each other
+            # and a tiny matmul takes milliseconds instead of microseconds.
+            torch.set_num_threads(threads)
         self._torch = torch
         self.device = device
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
