@@ -9,7 +9,7 @@ rest pass.  (A hanging prompt inside a batch so costs up to two deadlines.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,16 @@ class Runner:
     workers: dict[WorkerKey, Worker] = field(default_factory=dict)
     _done: dict[Hashable, Generation] = field(default_factory=dict)
     _solo: set[Hashable] = field(default_factory=set)
+    _released: dict[str, WorkerStats] = field(default_factory=dict)
 
     def worker(self, key: WorkerKey) -> Worker:
+        """The worker of a (variant, backend); variants that are the same model share one."""
         if key not in self.workers:
             spec, kwargs = self.worker_kwargs(*key)
-            self.workers[key] = Worker(label=f"{key[0]}-{key[1]}", backend=spec, kwargs=kwargs,
-                                       log_dir=self.log_dir, load_timeout_s=self.load_timeout_s,
-                                       on_status=self.on_status)
+            same = next((w for w in self.workers.values() if w.backend == spec and w.kwargs == kwargs), None)
+            self.workers[key] = same or Worker(label=f"{key[0]}-{key[1]}", backend=spec, kwargs=kwargs,
+                                               log_dir=self.log_dir, load_timeout_s=self.load_timeout_s,
+                                               on_status=self.on_status)
         return self.workers[key]
 
     def generate(self, key: WorkerKey, item: Pending, upcoming: Sequence[Pending] = ()) -> Generation:
@@ -70,9 +73,20 @@ class Runner:
                 return results[0]
         return worker.generate([item.request], item.deadline_s)[0]
 
+    def keep_only(self, needed: Iterable[WorkerKey]) -> None:
+        """Close the workers no needed (variant, backend) will use (their model is done with)."""
+        wanted = [self.worker_kwargs(*key) for key in set(needed)]
+        for key, worker in list(self.workers.items()):
+            if (worker.backend, worker.kwargs) not in wanted:
+                del self.workers[key]
+                if all(w is not worker for w in self.workers.values()):
+                    worker.close()
+                    self._released[worker.label] = worker.stats
+
     def stats(self) -> dict[str, WorkerStats]:
-        return {w.label: w.stats for w in self.workers.values()}
+        return {**self._released, **{w.label: w.stats for w in self.workers.values()}}
 
     def close(self) -> None:
-        for worker in self.workers.values():
+        for worker in {id(w): w for w in self.workers.values()}.values():
             worker.close()
+

@@ -52,6 +52,43 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "PATH",
     ),
     OptionSpec(
+        "stages", "--llm-stage", "llm_stages", "LLMMERGE_STAGES", "paths",
+        "your own merged checkpoint after adapter k, repeat in order for k = 1..n-1 (stage n is "
+        "--llm-model); stages not given are built",
+        "PATH",
+    ),
+    OptionSpec(
+        "build_merged", "--llm-build-merged", "llm_build_merged", "LLMMERGE_BUILD_MERGED", "bool",
+        "build the merged model from --llm-base and --llm-adapter (into --llm-model's path when given, "
+        "which must not exist yet) and gate it",
+    ),
+    OptionSpec(
+        "merge_dtype", "--llm-merge-dtype", "llm_merge_dtype", "LLMMERGE_MERGE_DTYPE", "str",
+        "dtype the built merges are computed in: float32 (default), bfloat16, float16", "DTYPE",
+    ),
+    OptionSpec(
+        "corpus", "--llm-corpus", "llm_corpus", "LLMMERGE_CORPUS", "path",
+        "text file (documents separated by blank lines) for perplexity checks against the reference; "
+        "default: the built-in English and Chinese corpus", "PATH",
+    ),
+    OptionSpec(
+        "ppl_rtol", "--llm-ppl-rtol", "llm_ppl_rtol", "LLMMERGE_PPL_RTOL", "float",
+        "max relative perplexity difference, merged vs adapter-only and HF vs vLLM (default 0.01)", "RTOL",
+    ),
+    OptionSpec(
+        "kl_max", "--llm-kl-max", "llm_kl_max", "LLMMERGE_KL_MAX", "float",
+        "max mean per-token KL(adapter-only || merged) in nats (default 1e-3)", "NATS",
+    ),
+    OptionSpec(
+        "max_ppl_ratio", "--llm-max-ppl-ratio", "llm_max_ppl_ratio", "LLMMERGE_MAX_PPL_RATIO", "float",
+        "max perplexity (or bits per byte) of the merged model over the reference's (default 1.5)", "RATIO",
+    ),
+    OptionSpec(
+        "top_k", "--llm-top-k", "llm_top_k", "LLMMERGE_TOP_K", "int",
+        "greedy outputs that differ pass when, at the first divergence, each side's token is in the "
+        "other's top k (default 5)", "K",
+    ),
+    OptionSpec(
         "allow_pickle", "--llm-allow-pickle", "llm_allow_pickle", "LLMMERGE_ALLOW_PICKLE",
         "bool", "accept pickle-only weight files (.bin/.pt), which can run code when loaded",
     ),
@@ -104,6 +141,15 @@ class Settings:
     model: Path | None = None
     base: Path | None = None
     adapters: tuple[Path, ...] = ()
+    stages: tuple[Path, ...] = ()
+    build_merged: bool = False
+    merge_dtype: str = "float32"
+    corpus: Path | None = None
+    # Tolerances: defaults from vLLM's and PEFT's own test suites (DESIGN.md).
+    ppl_rtol: float = 0.01
+    kl_max: float = 1e-3
+    max_ppl_ratio: float = 1.5
+    top_k: int = 5
     allow_pickle: bool = False
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf",)
@@ -115,7 +161,7 @@ class Settings:
 
     @property
     def enabled(self) -> bool:
-        return self.model is not None
+        return self.model is not None or (self.base is not None and bool(self.adapters))
 
 
 def parse_bool(raw: str, where: str) -> bool:
@@ -195,16 +241,30 @@ def validate(settings: Settings) -> None:
     """Fail early, naming the option: missing or empty directories, unknown names."""
     if settings.dtype not in DTYPES:
         raise SettingsError(f"--llm-dtype: {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+    if settings.merge_dtype not in DTYPES[1:]:
+        raise SettingsError(f"--llm-merge-dtype: {settings.merge_dtype!r} is not one of {', '.join(DTYPES[1:])}")
+    if settings.build_merged and (settings.base is None or not settings.adapters):
+        raise SettingsError("--llm-build-merged needs --llm-base and at least one --llm-adapter")
+    if len(settings.stages) >= max(len(settings.adapters), 1):
+        raise SettingsError(f"--llm-stage: {len(settings.stages)} stage(s) given for {len(settings.adapters)} "
+                            "adapter(s); give the stages after adapters 1..n-1 (stage n is --llm-model)")
+    if settings.corpus is not None and not settings.corpus.is_file():
+        raise SettingsError(f"--llm-corpus: {settings.corpus} is not a file")
     for name in settings.backends:
         if name not in KNOWN_BACKENDS and ":" not in name:
             raise SettingsError(f"--llm-backend: unknown backend {name!r} (use {', '.join(KNOWN_BACKENDS)} "
                                 "or module:Class)")
     named: list[tuple[str, Path]] = []
-    if settings.model is not None:
+    if settings.model is not None and settings.build_merged:
+        if settings.model.exists() and any(settings.model.iterdir()):
+            raise SettingsError(f"--llm-model: {settings.model} exists; with --llm-build-merged it is where the "
+                                "merge is written: remove it or give a new path")
+    elif settings.model is not None:
         named.append(("--llm-model", settings.model))
     if settings.base is not None:
         named.append(("--llm-base", settings.base))
     named.extend(("--llm-adapter", p) for p in settings.adapters)
+    named.extend(("--llm-stage", p) for p in settings.stages)
     for flag, path in named:
         if not path.exists():
             raise SettingsError(f"{flag}: {path} does not exist")
@@ -218,7 +278,8 @@ def validate(settings: Settings) -> None:
 
 def describe(settings: Settings) -> Sequence[str]:
     """Lines for pytest's report header."""
-    lines = [f"llmmerge model: {settings.model}"]
+    lines = [f"llmmerge model: {settings.model or '(built from base + adapters)'}"
+             + (" (built from base + adapters)" if settings.build_merged and settings.model else "")]
     lines.append(f"llmmerge base: {settings.base if settings.base else '(none: base checks skipped)'}")
     for i, adapter in enumerate(settings.adapters, 1):
         lines.append(f"llmmerge adapter {i}: {adapter}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Backend, Generation, GenRequest, TokenLogprobs
+from .base import Backend, Generation, GenRequest, ScoreRequest, TokenLogprobs
 
-__all__ = ["BACKENDS", "Backend", "Generation", "GenRequest", "TokenLogprobs", "backend_class", "missing_extra"]
+__all__ = ["BACKENDS", "Backend", "Generation", "GenRequest", "ScoreRequest", "TokenLogprobs", "backend_class", "missing_extra"]
 
 BACKENDS: dict[str, str] = {
     "hf": "pytest_llmmerge.backends.hf:HFBackend",

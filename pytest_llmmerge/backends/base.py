@@ -37,15 +37,42 @@ class Generation:
     seconds: float
     prompt_text: str = ""
     prompt_tokens: int = 0
+    prompt_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A text (or token ids) to score with teacher forcing.
+
+    `top_k` asks for the k most likely next tokens after every prefix; `probe_ids[i]` asks for
+    the log-probabilities of given tokens after prefix i (used to compare two models on the
+    same candidate tokens, e.g. for KL from one side's top-k).
+    """
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    top_k: int = 0
+    probe_ids: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("a score request has exactly one of text and token_ids")
 
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """Per-token log-probabilities of a scored text (the first token has none)."""
+    """Scores of one sequence of n tokens.
+
+    `logprobs[i]` is log p(token i+1 | tokens 0..i), so there are n-1 of them (the first
+    token has no context).  `top[i]` and `probe[i]` describe the distribution after tokens
+    0..i, for i = 0..n-1, including the one after the last token (for next-token checks).
+    """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
-    top: tuple[tuple[tuple[int, float], ...], ...] = field(default=())
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()
+    probe: tuple[tuple[float, ...], ...] = ()
+    n_bytes: int = 0
 
 
 # Called by a backend while it generates, with the text produced so far for each request, so
@@ -59,5 +86,7 @@ class Backend(Protocol):
     name: str
 
     def generate(self, requests: Sequence[GenRequest], on_progress: ProgressFn | None = None) -> list[Generation]: ...
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]: ...
 
     def close(self) -> None: ...

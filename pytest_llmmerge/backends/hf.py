@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Generation, GenRequest, ProgressFn
+from .base import Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs
 
 # How often partial output is reported while generating (seconds).
 PROGRESS_INTERVAL_S = 0.5
@@ -96,10 +96,10 @@ class HFBackend:
         results = []
         for row, request in enumerate(requests):
             new = [int(t) for t in output[row, width:].tolist()][: request.max_new_tokens]
-            results.append(self._finish(new, rendered[row][0], len(encoded[row]), seconds))
+            results.append(self._finish(new, rendered[row][0], tuple(encoded[row]), seconds))
         return results
 
-    def _finish(self, new: list[int], prompt_text: str, prompt_tokens: int, seconds: float) -> Generation:
+    def _finish(self, new: list[int], prompt_text: str, prompt_ids: tuple[int, ...], seconds: float) -> Generation:
         """Cut at the first eos id: what the model said, and whether it stopped by itself."""
         stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
         kept = new if stop is None else new[: stop + 1]
@@ -107,7 +107,7 @@ class HFBackend:
         text = self.tokenizer.decode(body, skip_special_tokens=False)
         return Generation(text=text, token_ids=tuple(kept), finish_reason="length" if stop is None else "stop",
                           stop_token_id=None if stop is None else kept[-1], seconds=seconds,
-                          prompt_text=prompt_text, prompt_tokens=prompt_tokens)
+                          prompt_text=prompt_text, prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids)
 
     def _progress_criteria(self, width: int, on_progress: ProgressFn | None) -> Any:
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -130,6 +130,45 @@ class HFBackend:
                                             device=input_ids.device)
 
         return StoppingCriteriaList([ReportProgress()])
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenLogprobs]:
+        """Teacher-forced log-probabilities, one sequence at a time, in windows the model can see.
+
+        A sequence longer than the model's context is cut into consecutive windows (the first
+        token of each window has no logprob), as perplexity evaluations usually do.
+        """
+        torch = self._torch
+        window = int(getattr(self.model.config, "max_position_embeddings", 0) or 1024)
+        window = min(window, 1024)
+        out = []
+        for request in requests:
+            if request.token_ids is not None:
+                ids = list(request.token_ids)
+                n_bytes = len(self.tokenizer.decode(ids).encode("utf-8"))
+            else:
+                assert request.text is not None
+                ids = self.tokenizer(request.text)["input_ids"]
+                n_bytes = len(request.text.encode("utf-8"))
+            logprobs: list[float] = []
+            top: list[tuple[tuple[int, float], ...]] = []
+            probe: list[tuple[float, ...]] = []
+            for start in range(0, len(ids), window):
+                chunk = ids[start:start + window]
+                with torch.no_grad():
+                    logits = self.model(input_ids=torch.tensor([chunk], device=self.device)).logits[0]
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                targets = torch.tensor(chunk[1:], device=lp.device)
+                logprobs += lp[:-1].gather(1, targets[:, None])[:, 0].tolist()
+                if request.top_k:
+                    values, indices = lp.topk(request.top_k, dim=-1)
+                    top += [tuple(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+                if request.probe_ids is not None:
+                    for offset, row in enumerate(lp):
+                        wanted = request.probe_ids[start + offset]
+                        probe.append(tuple(row[list(wanted)].tolist()) if wanted else ())
+            out.append(TokenLogprobs(token_ids=tuple(ids), logprobs=tuple(logprobs), top=tuple(top),
+                                     probe=tuple(probe), n_bytes=n_bytes))
+        return out
 
     def on_step(self, new_tokens: Any) -> None:
         """Called after every generated token with the new tokens so far; a hook for subclasses."""

@@ -1,0 +1,108 @@
+"""Model variants of one run: reference (the base), adapter-only and merged, over a merge chain.
+
+A chain is the base s0, adapters a1..an and merged stages s1..sn, where sk = merge(s(k-1), ak).
+A stage is the user's own checkpoint when given (`--llm-stage` for the intermediate ones,
+`--llm-model` for the last), otherwise it is built (cached) by :mod:`merge`.  The variants a
+suite runs on:
+
+- ``reference``: s0, the base;
+- ``adapter``: s(n-1) with an applied unmerged through peft (what the fine-tune looked like
+  before the merge);
+- ``merged``: sn, the candidate.
+
+Parity stage k compares sk with s(k-1) + ak unmerged (``stage<k>`` vs ``stage<k>-adapter``),
+so drift shows at the stage where it starts.  Nothing here imports torch until a stage has to
+be built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REFERENCE, ADAPTER, MERGED = "reference", "adapter", "merged"
+_STAGE = re.compile(r"^stage(?P<k>\d+)(?P<adapter>-adapter)?$")
+
+
+class VariantUnavailable(LookupError):
+    """The run lacks what a variant needs (the message says which option gives it)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker loads: a model directory and adapters applied on top, unmerged."""
+
+    path: Path
+    adapters: tuple[Path, ...] = ()
+
+
+@dataclass
+class Chain:
+    base: Path | None
+    adapters: tuple[Path, ...]
+    candidate: Path | None
+    given_stages: tuple[Path, ...] = ()
+    cache_dir: Path | None = None
+    merge_dtype: str = "float32"
+    progress: Callable[[str], None] | None = None
+    _built: dict[int, Path] = field(default_factory=dict)
+    built_now: list[Path] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.adapters)
+
+    def available(self) -> list[str]:
+        names = []
+        if self.base is not None:
+            names.append(REFERENCE)
+        if self.n and self.base is not None:
+            names.append(ADAPTER)
+        if self.candidate is not None or (self.n and self.base is not None):
+            names.append(MERGED)
+        return names
+
+    def stage(self, k: int) -> Path:
+        """Directory of stage k (0 = the base), building it when nobody gave it."""
+        if k == 0:
+            if self.base is None:
+                raise VariantUnavailable("needs --llm-base")
+            return self.base
+        if k == self.n and self.candidate is not None:
+            return self.candidate
+        if k <= len(self.given_stages):
+            return self.given_stages[k - 1]
+        if k not in self._built:
+            from .merge import MergeSpec, cached_merge
+
+            if self.cache_dir is None:
+                raise VariantUnavailable("no cache directory to build merged stages in")
+            spec = MergeSpec(base=self.stage(k - 1), adapters=(self.adapters[k - 1],),
+                             compute_dtype=self.merge_dtype)
+            path, built = cached_merge(spec, self.cache_dir, progress=self.progress)
+            if built:
+                self.built_now.append(path)
+            self._built[k] = path
+        return self._built[k]
+
+    def resolve(self, variant: str) -> ModelSpec:
+        """The model a variant name stands for; raises VariantUnavailable naming what is missing."""
+        if variant == REFERENCE:
+            return ModelSpec(self.stage(0))
+        if variant == MERGED:
+            if self.candidate is None and not self.n:
+                raise VariantUnavailable("needs --llm-model, or --llm-base with --llm-adapter to build it")
+            return ModelSpec(self.stage(self.n) if self.n else self.candidate)  # type: ignore[arg-type]
+        if variant == ADAPTER:
+            return self.resolve(f"stage{self.n}-adapter")
+        match = _STAGE.match(variant)
+        if match is None:
+            raise VariantUnavailable(f"unknown variant {variant!r}")
+        k = int(match["k"])
+        if not self.n or not 1 <= k <= self.n or self.base is None:
+            raise VariantUnavailable(f"needs --llm-base and at least {max(k, 1)} --llm-adapter")
+        if match["adapter"]:
+            return ModelSpec(self.stage(k - 1), (self.adapters[k - 1],))
+        return ModelSpec(self.stage(k))

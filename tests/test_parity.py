@@ -1,0 +1,73 @@
+"""Parity items proven both ways on the real fixtures: healthy merges pass, broken ones fail
+at the stage where they break, with the numbers and the worst document or layers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ADAPTERS, BASE, MERGED
+from pytest_llmmerge.merge import MergeSpec, build_merged
+
+CHAIN = (f"--llm-base={BASE}", f"--llm-adapter={ADAPTERS[0]}", f"--llm-adapter={ADAPTERS[1]}")
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base + lora1, merged in fp32: the first stage of the fixture chain."""
+    return build_merged(MergeSpec(BASE, (ADAPTERS[0],)), tmp_path_factory.mktemp("chain") / "stage1")
+
+
+def parity(pytester: pytest.Pytester, model: Path, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(f"--llm-model={model}", *CHAIN, "-m", "llmmerge_parity", "-rA", *args)
+
+
+def failed_items(result: pytest.RunResult) -> list[str]:
+    return sorted(line.split("::")[1].split()[0] for line in result.stdout.lines if line.startswith("FAILED parity"))
+
+
+def test_healthy_chain_passes_every_parity_item(pytester: pytest.Pytester) -> None:
+    result = parity(pytester, MERGED)
+    result.assert_outcomes(passed=3)
+    # The candidate is loaded once although two variants (stage2, merged) name it.
+    output = result.stdout.str()
+    assert "stage2-hf: 1 model load(s)" in output and "merged-hf:" not in output
+
+
+def test_bfloat16_merge_fails_at_tight_tolerance_naming_layers(pytester: pytest.Pytester, stage1: Path,
+                                                               tmp_path: Path) -> None:
+    bf16 = build_merged(MergeSpec(stage1, (ADAPTERS[1],), compute_dtype="bfloat16", output_dtype="float32"),
+                        tmp_path / "bf16")
+    # Default tolerances accept bf16 rounding on this tiny model; a tight KL bound does not.
+    result = parity(pytester, bf16, "--llm-kl-max=1e-9", "--llm-ppl-rtol=1e-6", "-k", "stage2")
+    assert failed_items(result) == ["stage2[hf]"]
+    output = result.stdout.str()
+    assert "llm_kl_max" in output and "worst document" in output
+    assert "layers that lost most of the fine-tuning delta" in output
+    assert "model.layers." in output.split("layers that lost most")[1]
+
+
+def test_doubled_adapter_scale_fails(pytester: pytest.Pytester, stage1: Path, tmp_path: Path) -> None:
+    wrong = build_merged(MergeSpec(stage1, (ADAPTERS[1],), scale=2.0), tmp_path / "alpha-x2")
+    result = parity(pytester, wrong, "-k", "stage2")
+    assert failed_items(result) == ["stage2[hf]"]
+    result.stdout.fnmatch_lines(["*perplexity merged * vs adapter-only *relative difference*", "*KL*"])
+
+
+def test_merged_that_is_really_the_base_fails(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    fake = tmp_path / "fake-merged"
+    shutil.copytree(BASE, fake)
+    result = parity(pytester, fake)
+    assert "stage2[hf]" in failed_items(result)
+
+
+def test_chain_with_a_skipped_adapter_fails_at_that_stage(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    # The user's pipeline forgot lora1: its stage 1 is the base, its stage 2 is base + lora2.
+    skipped = tmp_path / "stage1-skipped"
+    shutil.copytree(BASE, skipped)
+    final = build_merged(MergeSpec(skipped, (ADAPTERS[1],)), tmp_path / "final")
+    result = parity(pytester, final, f"--llm-stage={skipped}", "-k", "stage")
+    assert failed_items(result) == ["stage1[hf]"]
+    result.assert_outcomes(passed=1, failed=1)
