@@ -197,3 +197,62 @@ def layer_drift(candidate: Path, reference: Path, previous: Path) -> list[tuple[
             continue
         drift.append((name, (load(cand, name) - r).norm().item() / delta))
     return sorted(drift, key=lambda item: -item[1])
+
+
+def _token_name(ckpt: Any, token_id: int | None) -> str:
+    if token_id is None:
+        return "none"
+    names = {v: k for k, v in ckpt.token_ids.items()}
+    return f"{token_id} ({names[token_id]})" if token_id in names else str(token_id)
+
+
+def _termination_failure(shown: str, hf: Generation, vllm: Generation, ckpt: Any) -> str:
+    """Explain why one engine stopped and the other did not, and name the fix."""
+    eos = sorted(ckpt.generation_eos_ids() or [])
+    tokenizer_eos = ckpt.tokenizer_eos()
+    stopper, runner_name, stopped = ("vLLM", "HF generate", vllm) if vllm.finish_reason == "stop" else \
+        ("HF generate", "vLLM", hf)
+    token = stopped.stop_token_id
+    text = (f"termination differs for {shown}: {stopper} stopped at token {_token_name(ckpt, token)} after "
+            f"{len(stopped.token_ids)} tokens, {runner_name} ran to the budget")
+    if stopper == "vLLM" and tokenizer_eos is not None and tokenizer_eos[1] == token and token not in eos:
+        text += (f". Token {token} is the tokenizer's eos but generation_config.json's eos_token_id {eos} lacks "
+                 f"it: vLLM stops at the tokenizer's eos and at every generation_config eos id, HF generate only "
+                 f"at the latter. Fix: add {token} to eos_token_id in generation_config.json")
+    return text
+
+
+def compare_backends(hf: Caller, vllm: Caller, texts: Sequence[str], prompts: Sequence[GenRequest], ckpt: Any,
+                     settings: Any, deadline_s: float) -> ParityReport:
+    """The same checkpoint on HF transformers and on vLLM: perplexity, greedy outputs, termination."""
+    report = ParityReport()
+    hf_scores: list[TokenLogprobs] = hf.call("score", [ScoreRequest(text=t) for t in texts], deadline_s)
+    vllm_scores: list[TokenLogprobs] = vllm.call("score", [ScoreRequest(text=t) for t in texts], deadline_s)
+    ppl_hf, ppl_vllm = metrics.perplexity(hf_scores), metrics.perplexity(vllm_scores)
+    rel = metrics.relative_difference(ppl_hf, ppl_vllm)
+    report.metrics.update(ppl_hf=ppl_hf, ppl_vllm=ppl_vllm, ppl_rel_diff=rel)
+    if rel > settings.ppl_rtol:
+        report.failures.append(f"perplexity HF {ppl_hf:.4f} vs vLLM {ppl_vllm:.4f}: relative difference {rel:.3%} "
+                               f"> llm_ppl_rtol {settings.ppl_rtol:.3%}")
+    outs_hf, outs_vllm = hf.generate(prompts, deadline_s), vllm.generate(prompts, deadline_s)
+    equal = agree = 0
+    for request, gh, gv in zip(prompts, outs_hf, outs_vllm):
+        shown = _doc(request.prompt if request.prompt is not None else str(request.messages))
+        if gh.finish_reason != gv.finish_reason:
+            report.failures.append(_termination_failure(shown, gh, gv, ckpt))
+            continue
+        agree += 1
+        position = metrics.first_divergence(gh.token_ids, gv.token_ids)
+        if position is None:
+            equal += 1
+            continue
+        prefix = ScoreRequest(token_ids=gh.prompt_ids + gh.token_ids[:position], top_k=settings.top_k)
+        top_hf = [i for i, _ in hf.call("score", [prefix], deadline_s)[0].top[-1]]
+        top_vllm = [i for i, _ in vllm.call("score", [prefix], deadline_s)[0].top[-1]]
+        verdict = metrics.greedy_verdict(gh.token_ids, gv.token_ids, top_hf, top_vllm)
+        if not verdict.ok:
+            report.failures.append(f"greedy outputs diverge at token {position} for {shown}: HF {verdict.token_a} "
+                                   f"vs vLLM {verdict.token_b}, not in each other's top {settings.top_k} "
+                                   f"(HF {gh.text!r}, vLLM {gv.text!r})")
+    report.metrics.update(greedy_equal=f"{equal}/{len(prompts)}", termination_agrees=f"{agree}/{len(prompts)}")
+    return report

@@ -31,7 +31,7 @@ SUITE_ERRORS_KEY = pytest.StashKey[list[str]]()
 CHAIN_KEY = pytest.StashKey["Chain"]()
 CORPORA_KEY = pytest.StashKey[list[str]]()
 # Backends that can score text, so parity items run on them.
-SCORING_BACKENDS = ("hf",)
+SCORING_BACKENDS = ("hf", "vllm")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "llmmerge_integrity: an integrity check of the checkpoint")
     config.addinivalue_line("markers", "llmmerge_suite: a prompt-suite case run on a model variant and backend")
     config.addinivalue_line("markers", "llmmerge_parity: merged vs adapter-only / reference parity")
+    config.addinivalue_line("markers", "llmmerge_agreement: HF transformers vs vLLM on the same checkpoint")
     config.addinivalue_line("markers", "llmmerge_tag(name): a tag given to a suite case in its YAML")
     ini_dir = config.inipath.parent if config.inipath else config.rootpath
     try:
@@ -134,9 +135,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
         items.extend(_generated(DefaultSuite.from_parent(session, name="default-suite", nodeid="default-suite", suite=default_suite())))
     items.extend(_generated(ParityChecks.from_parent(session, name="parity", nodeid="parity")))
+    items.extend(_generated(AgreementChecks.from_parent(session, name="agreement", nodeid="agreement")))
     order = {key: i for i, key in enumerate(dict.fromkeys(i.worker_key for i in items if isinstance(i, CaseItem)))}
     items.sort(key=lambda i: (1, order[i.worker_key]) if isinstance(i, CaseItem) else
-               (2, 0) if isinstance(i, ParityItem) else (0, 0))
+               (2, 0) if isinstance(i, (ParityItem, AgreementItem)) else (0, 0))
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -321,6 +323,7 @@ class CaseItem(pytest.Item):
         from .runner import Pending
         from .worker import DeadlineExceeded, WorkerError
 
+        _skip_unavailable(self.backend)
         if self.variant not in _chain(self.config).available():
             pytest.skip(f"variant {self.variant!r} is not available in this run: the adapter-only and "
                         "reference variants need --llm-base (and --llm-adapter)")
@@ -375,6 +378,7 @@ def _runner(config: pytest.Config) -> Runner:
     if runner is None:
         from .backends import resolve_spec
         from .runner import Runner
+        from .settings import vllm_kwargs
 
         settings = config.stash[SETTINGS_KEY]
         # Under pytest-xdist every process has its own workers: share the cores between them.
@@ -385,9 +389,12 @@ def _runner(config: pytest.Config) -> Runner:
 
         def worker_kwargs(variant: str, backend: str) -> tuple[str, dict[str, Any]]:
             spec = chain.resolve(variant)
-            return resolve_spec(backend), {"model_path": str(spec.path), "adapters": [str(a) for a in spec.adapters],
-                                           "dtype": settings.dtype, "device": settings.device, "threads": threads,
-                                           "trust_remote_code": settings.trust_remote_code}
+            kwargs: dict[str, Any] = {"model_path": str(spec.path), "adapters": [str(a) for a in spec.adapters],
+                                      "dtype": settings.dtype, "device": settings.device, "threads": threads,
+                                      "trust_remote_code": settings.trust_remote_code}
+            if backend == "vllm":
+                kwargs["extra"] = vllm_kwargs(settings)
+            return resolve_spec(backend), kwargs
 
         runner = Runner(worker_kwargs=worker_kwargs, log_dir=Path(tempfile.mkdtemp(prefix="llmmerge-workers-")),
                         batch_size=settings.batch_size, load_timeout_s=settings.load_timeout_s,
@@ -500,6 +507,14 @@ def _progress(config: pytest.Config) -> Any:
 # --- parity -----------------------------------------------------------------------------------
 
 
+def _skip_unavailable(backend: str) -> None:
+    from .backends import unavailable
+
+    reason = unavailable(backend)
+    if reason is not None:
+        pytest.skip(reason)
+
+
 class ParityChecks(pytest.Collector):
     """`parity::stage<k>[<backend>]` per merge stage and `parity::merged-vs-reference[<backend>]`."""
 
@@ -542,6 +557,7 @@ class ParityItem(pytest.Item):
     def runtest(self) -> None:
         from . import parity
 
+        _skip_unavailable(self.backend)
         settings = self.config.stash[SETTINGS_KEY]
         runner = _runner(self.config)
         chain = _chain(self.config)
@@ -569,3 +585,51 @@ class ParityItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"parity::{self.name}"
+
+
+class AgreementChecks(pytest.Collector):
+    """`agreement::hf-vs-vllm[<variant>]`: the two engines agree on the same checkpoint."""
+
+    def collect(self) -> list[AgreementItem]:
+        settings = self.config.stash[SETTINGS_KEY]
+        if not {"hf", "vllm"} <= set(settings.backends):
+            return []
+        return [AgreementItem.from_parent(self, name=f"hf-vs-vllm[{variant}]", variant=variant)
+                for variant in ("merged",)]
+
+
+class AgreementItem(pytest.Item):
+    """HF vs vLLM on one variant: greedy outputs, termination and perplexity."""
+
+    def __init__(self, *, variant: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.variant = variant
+        self.worker_keys = ((variant, "hf"), (variant, "vllm"))
+        self.add_marker("llmmerge")
+        self.add_marker("llmmerge_agreement")
+
+    def runtest(self) -> None:
+        from . import parity
+        from .checkpoint import Checkpoint
+
+        _skip_unavailable("vllm")
+        settings = self.config.stash[SETTINGS_KEY]
+        runner = _runner(self.config)
+        hf, vllm = (runner.worker(key) for key in self.worker_keys)
+        corpora: list[str] = self.config.stash[CORPORA_KEY]
+        report = parity.compare_backends(hf, vllm, parity.corpus_texts(corpora, settings.corpus),
+                                         parity.greedy_prompts(),
+                                         Checkpoint(_chain(self.config).resolve(self.variant).path), settings,
+                                         settings.load_timeout_s)
+        self.user_properties += list(report.metrics.items())
+        if not report.ok:
+            raise ParityFailed(report.lines())
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, ParityFailed):
+            head = f"agreement {self.name} failed (HF transformers vs vLLM on the same checkpoint):"
+            return "\n".join([head] + ["  " + line for line in excinfo.value.lines])
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"agreement::{self.name}"

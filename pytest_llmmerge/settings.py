@@ -99,7 +99,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "backends", "--llm-backend", "llm_backends", "LLMMERGE_BACKENDS", "names",
-        "backends that run the suites, comma-separated: hf, or module:Class of your own (default: hf)",
+        "backends that run the suites and parity, comma-separated: hf, vllm, or module:Class of your own "
+        "(default: hf,vllm; vLLM items are skipped with the reason where vllm does not import)",
         "NAMES",
     ),
     OptionSpec(
@@ -118,6 +119,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "seconds a worker may take to load its model (default 900)", "SECONDS",
     ),
     OptionSpec(
+        "vllm_args", "--llm-vllm-arg", "llm_vllm_args", "LLMMERGE_VLLM_ARGS", "names",
+        "extra vllm.LLM() argument as key=value, repeatable (e.g. tensor_parallel_size=2, "
+        "gpu_memory_utilization=0.5, max_model_len=4096)", "KEY=VALUE",
+    ),
+    OptionSpec(
         "dtype", "--llm-dtype", "llm_dtype", "LLMMERGE_DTYPE", "str",
         "dtype the backends load models in: auto (the checkpoint's), float32, bfloat16, float16 (default auto)",
         "DTYPE",
@@ -128,7 +134,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KNOWN_BACKENDS = ("hf",)
+KNOWN_BACKENDS = ("hf", "vllm")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -152,7 +158,8 @@ class Settings:
     top_k: int = 5
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    backends: tuple[str, ...] = ("hf",)
+    backends: tuple[str, ...] = ("hf", "vllm")
+    vllm_args: tuple[str, ...] = ()
     suite_globs: tuple[str, ...] = ()
     batch_size: int = 8
     load_timeout_s: float = 900.0
@@ -254,6 +261,7 @@ def validate(settings: Settings) -> None:
         if name not in KNOWN_BACKENDS and ":" not in name:
             raise SettingsError(f"--llm-backend: unknown backend {name!r} (use {', '.join(KNOWN_BACKENDS)} "
                                 "or module:Class)")
+    vllm_kwargs(settings)  # a malformed --llm-vllm-arg fails here, naming itself
     named: list[tuple[str, Path]] = []
     if settings.model is not None and settings.build_merged:
         if settings.model.exists() and any(settings.model.iterdir()):
@@ -274,6 +282,26 @@ def validate(settings: Settings) -> None:
             raise SettingsError(f"{flag}: {path} is empty (no config.json, no weights)")
     if settings.base is None and settings.adapters:
         raise SettingsError("--llm-adapter needs --llm-base: adapters are applied to the base model")
+
+
+def vllm_kwargs(settings: Settings) -> dict[str, object]:
+    """--llm-vllm-arg key=value pairs as vllm.LLM() keyword arguments (ints, floats, booleans parsed)."""
+    out: dict[str, object] = {}
+    for item in settings.vllm_args:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SettingsError(f"--llm-vllm-arg: {item!r} is not key=value")
+        value: object = raw.strip()
+        for convert in (int, float):
+            try:
+                value = convert(raw)
+                break
+            except ValueError:
+                continue
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE - {""}:
+            value = value.lower() in _TRUE
+        out[key.strip()] = value
+    return out
 
 
 def describe(settings: Settings) -> Sequence[str]:

@@ -41,6 +41,9 @@ def run_suite(pytester: pytest.Pytester, suite: str, *args: str, model: Path = M
     return pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_suite", "suite.yaml", *args)
 
 
+HF = "--llm-backend=hf"  # these prove the HF backend; the vLLM backend has its own tests
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -51,7 +54,7 @@ def alive(pid: int) -> bool:
 
 
 def test_smoke_suite_passes_on_healthy_merge_with_one_load(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "-m", "llmmerge_suite",
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "-m", "llmmerge_suite", HF,
                                            str(REPO / "example_suites" / "smoke.yaml"), "-v")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 5 and "failed" not in outcomes, result.stdout.str()
@@ -90,7 +93,7 @@ def test_a_hang_fails_its_item_by_deadline_and_the_session_goes_on(pytester: pyt
 def test_lost_eos_fails_termination_with_finish_reason_length(pytester: pytest.Pytester,
                                                                broken: Callable[[str], Path]) -> None:
     model = broken("eos_removed")
-    result = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_suite",
+    result = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_suite", HF,
                                            str(REPO / "example_suites" / "smoke.yaml"))
     output = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
@@ -101,7 +104,7 @@ def test_lost_eos_fails_termination_with_finish_reason_length(pytester: pytest.P
 def test_lost_chat_template_fails_messages_cases_clearly(pytester: pytest.Pytester,
                                                           broken: Callable[[str], Path]) -> None:
     model = broken("chat_template_deleted")
-    result = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_suite", "-rf",
+    result = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_suite", "-rf", HF,
                                            str(REPO / "example_suites" / "chat.yaml"))
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) >= 1 and "passed" not in outcomes
@@ -109,7 +112,7 @@ def test_lost_chat_template_fails_messages_cases_clearly(pytester: pytest.Pytest
 
 
 def test_default_suite_runs_when_no_suite_is_given(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "-m", "llmmerge_suite", "-v")
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "-m", "llmmerge_suite", "-v", HF)
     result.stdout.fnmatch_lines(["default-suite::*[[]merged-hf[]] *"])
     assert "failed" not in result.parseoutcomes()
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import ADAPTERS, BASE, MERGED
 from pytest_llmmerge.merge import MergeSpec, build_merged
 
-CHAIN = (f"--llm-base={BASE}", f"--llm-adapter={ADAPTERS[0]}", f"--llm-adapter={ADAPTERS[1]}")
+# HF only: the same parity on vLLM is tested with the vLLM backend.
+CHAIN = (f"--llm-base={BASE}", f"--llm-adapter={ADAPTERS[0]}", f"--llm-adapter={ADAPTERS[1]}", "--llm-backend=hf")
 
 
 @pytest.fixture(scope="module")

