@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -n 2 -q
+	$(VENV)/bin/pytest -n 2 --dist loadfile -q -rs
 
 fixtures: $(STAMP)
 	$(PY) fixtures/build_fixtures.py

@@ -148,7 +148,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return
     items = item.session.items
     later = items[items.index(item) + 1:] if item in items else []
-    runner.keep_only(key for i in later for key in getattr(i, "worker_keys", ()))
+    if any(not hasattr(i, "worker_keys") for i in later):
+        return  # a user's test may ask any variant for its model: keep every worker
+    runner.keep_only(key for i in later for key in i.worker_keys)  # type: ignore[attr-defined]
 
 
 def _generated(collector: pytest.Collector) -> list[pytest.Item]:
@@ -192,6 +194,7 @@ class IntegrityItem(pytest.Item):
     def __init__(self, *, check_name: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.check_name = check_name
+        self.worker_keys: tuple[tuple[str, str], ...] = ()  # reads files only, needs no model
         self.add_marker("llmmerge")
         self.add_marker("llmmerge_integrity")
 
