@@ -121,6 +121,15 @@ def compare_stage(adapter: Caller, merged: Caller, texts: Sequence[str], prompts
     return report
 
 
+def _divergence(a: Caller, b: Caller, ga: Generation, gb: Generation, position: int, top_k: int,
+                deadline_s: float) -> metrics.GreedyVerdict:
+    """Judge a greedy divergence: each side's top-k after the common prefix, from both models."""
+    prefix = ScoreRequest(token_ids=ga.prompt_ids + ga.token_ids[:position], top_k=top_k)
+    top_a = [i for i, _ in a.call("score", [prefix], deadline_s)[0].top[-1]]
+    top_b = [i for i, _ in b.call("score", [prefix], deadline_s)[0].top[-1]]
+    return metrics.greedy_verdict(ga.token_ids, gb.token_ids, top_a, top_b)
+
+
 def _greedy_failures(a: Caller, b: Caller, prompts: Sequence[GenRequest], settings: Any, deadline_s: float,
                      report: ParityReport) -> list[str]:
     outs_a, outs_b = a.generate(prompts, deadline_s), b.generate(prompts, deadline_s)
@@ -130,10 +139,7 @@ def _greedy_failures(a: Caller, b: Caller, prompts: Sequence[GenRequest], settin
         if position is None:
             equal += 1
             continue
-        prefix = ScoreRequest(token_ids=ga.prompt_ids + ga.token_ids[:position], top_k=settings.top_k)
-        top_a = [i for i, _ in a.call("score", [prefix], deadline_s)[0].top[-1]]
-        top_b = [i for i, _ in b.call("score", [prefix], deadline_s)[0].top[-1]]
-        verdict = metrics.greedy_verdict(ga.token_ids, gb.token_ids, top_a, top_b)
+        verdict = _divergence(a, b, ga, gb, position, settings.top_k, deadline_s)
         if not verdict.ok:
             shown = request.prompt if request.prompt is not None else str(request.messages)
             failures.append(f"greedy outputs diverge at token {position} for {_doc(shown)}: adapter-only "
@@ -246,10 +252,7 @@ def compare_backends(hf: Caller, vllm: Caller, texts: Sequence[str], prompts: Se
         if position is None:
             equal += 1
             continue
-        prefix = ScoreRequest(token_ids=gh.prompt_ids + gh.token_ids[:position], top_k=settings.top_k)
-        top_hf = [i for i, _ in hf.call("score", [prefix], deadline_s)[0].top[-1]]
-        top_vllm = [i for i, _ in vllm.call("score", [prefix], deadline_s)[0].top[-1]]
-        verdict = metrics.greedy_verdict(gh.token_ids, gv.token_ids, top_hf, top_vllm)
+        verdict = _divergence(hf, vllm, gh, gv, position, settings.top_k, deadline_s)
         if not verdict.ok:
             report.failures.append(f"greedy outputs diverge at token {position} for {shown}: HF {verdict.token_a} "
                                    f"vs vLLM {verdict.token_b}, not in each other's top {settings.top_k} "

@@ -118,7 +118,7 @@ def test_budget_cuts_with_length(merged: Any) -> None:
 
 
 def test_chat_without_template_is_a_backend_error(merged: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_llmmerge.backends.hf import BackendError
+    from pytest_llmmerge.backends.base import BackendError
 
     monkeypatch.setattr(merged.tokenizer, "chat_template", None)
     with pytest.raises(BackendError, match="no chat template"):

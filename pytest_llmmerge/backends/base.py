@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
 
@@ -73,6 +73,26 @@ class TokenLogprobs:
     top: tuple[tuple[tuple[int, float], ...], ...] = ()
     probe: tuple[tuple[float, ...], ...] = ()
     n_bytes: int = 0
+
+
+class BackendError(RuntimeError):
+    """A request the backend cannot serve; the message says why in the user's terms."""
+
+
+def render_prompt(tokenizer: Any, request: GenRequest) -> tuple[str, bool]:
+    """(prompt text, whether to add the tokenizer's special tokens), the same for every backend.
+
+    Raw prompts get the tokenizer's special tokens; chat messages go through the model's own
+    chat template, which writes the special tokens it wants (e.g. BOS) itself.
+    """
+    if request.messages is None:
+        assert request.prompt is not None
+        return request.prompt, True
+    if not getattr(tokenizer, "chat_template", None):
+        raise BackendError("the model has no chat template, so chat messages cannot be rendered "
+                           "(was chat_template.jinja or tokenizer_config.json's chat_template lost on save?)")
+    messages = [{"role": role, "content": content} for role, content in request.messages]
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)), False
 
 
 # Called by a backend while it generates, with the text produced so far for each request, so

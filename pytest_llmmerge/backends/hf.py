@@ -11,14 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs
+from .base import Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs, render_prompt
 
 # How often partial output is reported while generating (seconds).
 PROGRESS_INTERVAL_S = 0.5
-
-
-class BackendError(RuntimeError):
-    """A request the backend cannot serve; the message says why in the user's terms."""
 
 
 def eos_ids_of(generation_config: Any) -> set[int]:
@@ -59,17 +55,7 @@ class HFBackend:
         self.pad_id = int(pad)
 
     def render(self, request: GenRequest) -> tuple[str, bool]:
-        """(prompt text, whether the tokenizer should add its special tokens)."""
-        if request.messages is None:
-            assert request.prompt is not None
-            return request.prompt, True
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BackendError("the model has no chat template, so chat messages cannot be rendered "
-                               "(was chat_template.jinja or tokenizer_config.json's chat_template lost on save?)")
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template already writes the special tokens it wants (e.g. BOS).
-        return str(text), False
+        return render_prompt(self.tokenizer, request)
 
     def generate(self, requests: Sequence[GenRequest], on_progress: ProgressFn | None = None) -> list[Generation]:
         if not requests:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .base import Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs
-from .hf import PROGRESS_INTERVAL_S, BackendError
+from .base import BackendError, render_prompt
+from .hf import PROGRESS_INTERVAL_S
 
 # LoRA ranks vLLM 0.32 accepts for `max_lora_rank` (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -202,16 +203,7 @@ class VLLMBackend:
     # --- generation ---------------------------------------------------------------------------
 
     def render(self, request: GenRequest) -> tuple[str, bool]:
-        """(prompt text, whether the tokenizer should add its special tokens) -- as the HF backend."""
-        if request.messages is None:
-            assert request.prompt is not None
-            return request.prompt, True
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise BackendError("the model has no chat template, so chat messages cannot be rendered "
-                               "(was chat_template.jinja or tokenizer_config.json's chat_template lost on save?)")
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(text), False
+        return render_prompt(self.tokenizer, request)
 
     def sampling_params(self, max_new_tokens: int, **overrides: Any) -> Any:
         """Greedy, with the checkpoint's generation-config defaults (as `LLM.get_default_sampling_params`)."""
