@@ -396,6 +396,9 @@ def _runner(config: pytest.Config) -> Runner:
                                       "dtype": settings.dtype, "device": settings.device, "threads": threads,
                                       "trust_remote_code": settings.trust_remote_code}
             if backend == "vllm":
+                kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
+                if settings.kv_cache_gib is not None:
+                    kwargs["kv_cache_bytes"] = int(settings.kv_cache_gib * 2**30)
                 kwargs["extra"] = vllm_kwargs(settings)
             return resolve_spec(backend), kwargs
 

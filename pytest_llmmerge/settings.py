@@ -119,6 +119,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "seconds a worker may take to load its model (default 900)", "SECONDS",
     ),
     OptionSpec(
+        "tensor_parallel_size", "--llm-tensor-parallel-size", "llm_tensor_parallel_size",
+        "LLMMERGE_TENSOR_PARALLEL_SIZE", "int", "GPUs vLLM splits each model over (default 1)", "N",
+    ),
+    OptionSpec(
+        "kv_cache_gib", "--llm-kv-cache-gib", "llm_kv_cache_gib", "LLMMERGE_KV_CACHE_GIB", "float",
+        "vLLM KV cache size in GiB (default: on CPU, room for two full-length sequences; on GPU, "
+        "vLLM's own sizing)", "GIB",
+    ),
+    OptionSpec(
         "vllm_args", "--llm-vllm-arg", "llm_vllm_args", "LLMMERGE_VLLM_ARGS", "names",
         "extra vllm.LLM() argument as key=value, repeatable (e.g. tensor_parallel_size=2, "
         "gpu_memory_utilization=0.5, max_model_len=4096)", "KEY=VALUE",
@@ -160,6 +169,8 @@ class Settings:
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf", "vllm")
     vllm_args: tuple[str, ...] = ()
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float | None = None
     suite_globs: tuple[str, ...] = ()
     batch_size: int = 8
     load_timeout_s: float = 900.0
