@@ -133,7 +133,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not any(isinstance(item, CaseItem) for item in items):
         from .suite import default_suite
 
-        items.extend(_generated(DefaultSuite.from_parent(session, name="default-suite", nodeid="default-suite", suite=default_suite())))
+        default = DefaultSuite.from_parent(session, name="default-suite", nodeid="default-suite",
+                                           suite=default_suite())
+        items.extend(_generated(default))
     items.extend(_generated(ParityChecks.from_parent(session, name="parity", nodeid="parity")))
     items.extend(_generated(AgreementChecks.from_parent(session, name="agreement", nodeid="agreement")))
     order = {key: i for i, key in enumerate(dict.fromkeys(i.worker_key for i in items if isinstance(i, CaseItem)))}
