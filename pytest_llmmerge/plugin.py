@@ -140,7 +140,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.extend(_generated(AgreementChecks.from_parent(session, name="agreement", nodeid="agreement")))
     order = {key: i for i, key in enumerate(dict.fromkeys(i.worker_key for i in items if isinstance(i, CaseItem)))}
     items.sort(key=lambda i: (1, order[i.worker_key]) if isinstance(i, CaseItem) else
-               (2, 0) if isinstance(i, (ParityItem, AgreementItem)) else (0, 0))
+               (2, 0) if isinstance(i, ComparisonItem) else (0, 0))
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -546,8 +546,32 @@ class ParityFailed(Exception):
         self.lines = lines
 
 
-class ParityItem(pytest.Item):
+class ComparisonItem(pytest.Item):
+    """An item that compares two models and fails with a ParityReport's lines."""
+
+    prefix = ""  # the collector's name: parity, agreement
+
+    def failure_head(self) -> str:
+        raise NotImplementedError
+
+    def conclude(self, report: Any) -> None:
+        self.user_properties += list(report.metrics.items())
+        if not report.ok:
+            raise ParityFailed(report.lines())
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, ParityFailed):
+            return "\n".join([self.failure_head()] + ["  " + line for line in excinfo.value.lines])
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.prefix}::{self.name}"
+
+
+class ParityItem(ComparisonItem):
     """Merged vs adapter-only at one stage (perplexity, KL, greedy), or merged vs reference."""
+
+    prefix = "parity"
 
     def __init__(self, *, kind: str, stage: int, backend: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -581,18 +605,10 @@ class ParityItem(pytest.Item):
         else:
             texts = parity.corpus_texts((), settings.corpus)
             report = parity.compare_reference(workers[0], workers[1], texts, settings, deadline)
-        self.user_properties += list(report.metrics.items())
-        if not report.ok:
-            raise ParityFailed(report.lines())
+        self.conclude(report)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        if isinstance(excinfo.value, ParityFailed):
-            head = f"parity {self.name} failed ({' vs '.join(self.variants)}):"
-            return "\n".join([head] + ["  " + line for line in excinfo.value.lines])
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"parity::{self.name}"
+    def failure_head(self) -> str:
+        return f"parity {self.name} failed ({' vs '.join(self.variants)}):"
 
 
 class AgreementChecks(pytest.Collector):
@@ -606,8 +622,10 @@ class AgreementChecks(pytest.Collector):
                 for variant in ("merged",)]
 
 
-class AgreementItem(pytest.Item):
+class AgreementItem(ComparisonItem):
     """HF vs vLLM on one variant: greedy outputs, termination and perplexity."""
+
+    prefix = "agreement"
 
     def __init__(self, *, variant: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -629,15 +647,7 @@ class AgreementItem(pytest.Item):
                                          parity.greedy_prompts(),
                                          Checkpoint(_chain(self.config).resolve(self.variant).path), settings,
                                          settings.load_timeout_s)
-        self.user_properties += list(report.metrics.items())
-        if not report.ok:
-            raise ParityFailed(report.lines())
+        self.conclude(report)
 
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        if isinstance(excinfo.value, ParityFailed):
-            head = f"agreement {self.name} failed (HF transformers vs vLLM on the same checkpoint):"
-            return "\n".join([head] + ["  " + line for line in excinfo.value.lines])
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"agreement::{self.name}"
+    def failure_head(self) -> str:
+        return f"agreement {self.name} failed (HF transformers vs vLLM on the same checkpoint):"
