@@ -48,7 +48,6 @@ class Chain:
     merge_dtype: str = "float32"
     progress: Callable[[str], None] | None = None
     _built: dict[int, Path] = field(default_factory=dict)
-    built_now: list[Path] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -81,10 +80,7 @@ class Chain:
                 raise VariantUnavailable("no cache directory to build merged stages in")
             spec = MergeSpec(base=self.stage(k - 1), adapters=(self.adapters[k - 1],),
                              compute_dtype=self.merge_dtype)
-            path, built = cached_merge(spec, self.cache_dir, progress=self.progress)
-            if built:
-                self.built_now.append(path)
-            self._built[k] = path
+            self._built[k], _ = cached_merge(spec, self.cache_dir, progress=self.progress)
         return self._built[k]
 
     def resolve(self, variant: str) -> ModelSpec:
