@@ -5,14 +5,18 @@
 
 from __future__ import annotations
 
+from .audit import AUDIT_CHECKS
 from .integrity import CHECKS, CODES
 from .settings import OPTIONS
+from .weights import WEIGHT_CHECKS
+
+ALL_CHECKS = (*CHECKS, *WEIGHT_CHECKS, *AUDIT_CHECKS)
 
 
 def codes_table() -> str:
-    owner = {code: check.name for check in CHECKS for code in check.codes}
+    owner = {code: f"{check.group}::{check.name}" for check in ALL_CHECKS for code in check.codes}
     rows = ["| code | item | what it flags | field failure it catches |", "|---|---|---|---|"]
-    rows += [f"| {code} | `integrity::{owner[code]}` | {what} | {story} |" for code, (what, story) in CODES.items()]
+    rows += [f"| {code} | `{owner[code]}` | {what} | {story} |" for code, (what, story) in CODES.items()]
     return "\n".join(rows)
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 from . import chat_template
 from .checkpoint import (
@@ -80,13 +81,30 @@ CODES: dict[str, tuple[str, str]] = {
                "shards from two different saves mixed in one directory"),
     "WGT012": ("adapter_config.json inside the merged checkpoint",
                "transformers then loads the directory as an adapter on its recorded base"),
+    "WGT013": ("NaN or Inf values in a tensor", "a float16 merge that overflowed, or a save that wrote garbage"),
+    "WGT014": ("a tensor is constant (all zero, one value) where the base's varies; without a base, a constant matrix",
+               "placeholder or meta tensors saved instead of weights (peft #868)"),
+    "WGT015": ("tie_word_embeddings is true but lm_head differs from the input embedding",
+               "embed_tokens and lm_head diverge after merge_and_unload while the flag stays true (transformers #45127)"),
+    "WGT016": ("tie_word_embeddings is false but there is no lm_head tensor",
+               "a trained or untied lm_head dropped at merge: loaders initialise it at random (unsloth PR #9331)"),
+    "WGT017": ("a layer changed more than --llm-max-weight-change relative to the base (off by default)",
+               "a merge with the wrong scale or the wrong adapter"),
+    "WGT018": ("every tensor is bit-identical to the base although adapters were merged",
+               "the \"merged\" save holds only the base weights (unsloth #1352)"),
+    "MRG001": ("a tensor lost more than --llm-audit-max-error of the adapters' float32 update (with --llm-audit-merge)",
+               "adapter fine, merged model worse: a merge rounded through bfloat16/float16 (peft #1388, unsloth #1267)"),
+    "MRG002": ("the adapters do not fit the base and candidate (targets missing, shapes differ, not LoRA)",
+               "a merge made from another base or other adapters than the ones given"),
+    "MRG003": ("warning: parts of the adapters were not audited (modules_to_save, missing tensors)",
+               "shown so a partial audit is never read as a full one"),
     "SAF001": ("pickle-only weights refused (allow with --llm-allow-pickle)",
                "pickle files run code when loaded"),
     "SAF002": ("auto_map custom code refused (allow with --llm-trust-remote-code)",
                "custom modeling code runs at load time"),
 }
 
-_LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
+LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
                        r"modules_to_save|original_module)(\.|$)")
 # Config fields that decide tensor shapes or how weights are wired.
 # vocab_size is left to CFG004 (config vs weights) and WGT008 (weights vs base).
@@ -121,6 +139,11 @@ class Context:
     base: Checkpoint | None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    adapters: tuple[Path, ...] = ()  # merged into the model, in order (for the weight and audit checks)
+    max_weight_change: float | None = None
+    audit_max_error: float = 0.001
+    progress: Callable[[str], None] | None = None
+    memo: dict[str, Any] = field(default_factory=dict, compare=False)  # results shared by the checks
 
     def require_base(self) -> Checkpoint:
         if self.base is None:
@@ -134,6 +157,7 @@ class Check:
     codes: tuple[str, ...]
     needs_base: bool
     run: Callable[[Context], list[Finding]]
+    group: str = "integrity"  # the item is `<group>::<name>`
 
     @property
     def description(self) -> str:
@@ -433,7 +457,7 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
     if _weights_unreadable(base):
         raise CheckSkipped("the base has no safetensors weights to compare with")
     findings = []
-    names = {n for n in model.tensor_names() if not _LORA_KEY.search(n)}
+    names = {n for n in model.tensor_names() if not LORA_KEY.search(n)}
     base_names = base.tensor_names()
     missing, extra = sorted(base_names - names), sorted(names - base_names)
     if missing or extra:
@@ -467,7 +491,7 @@ def check_lora_leftovers(ctx: Context) -> list[Finding]:
                                 "adapter_config.json"))
     if _weights_unreadable(model):
         return findings
-    leftovers = sorted(n for n in model.tensor_names() if _LORA_KEY.search(n))
+    leftovers = sorted(n for n in model.tensor_names() if LORA_KEY.search(n))
     if leftovers:
         findings.append(Finding("WGT010", "error", f"{len(leftovers)} LoRA tensor(s) left in the weights, e.g. "
                                 f"{leftovers[:3]}: the adapter was saved, not merged", _weights_file(model)))

@@ -165,6 +165,27 @@ def tie_flag_flipped(ckpt: Path) -> None:
     _edit(ckpt / "config.json", lambda cfg: cfg.update(tie_word_embeddings=not cfg.get("tie_word_embeddings", False)))
 
 
+def nan_in_weights(ckpt: Path) -> None:
+    """A float16 merge that overflowed: a few NaN and Inf values in one projection."""
+    shard, name = _shard_holding(ckpt, "v_proj.weight")
+
+    def poison(tensors: dict[str, np.ndarray]) -> None:
+        values = tensors[name].copy()
+        values.flat[[3, 77]] = np.nan
+        values.flat[-1] = np.inf
+        tensors[name] = values
+    _rewrite_shard(ckpt, shard, poison)
+
+
+def tensor_zeroed(ckpt: Path) -> None:
+    """A weight matrix written as zeros (a placeholder or meta tensor saved, peft #868)."""
+    shard, name = _shard_holding(ckpt, "down_proj.weight")
+
+    def zero(tensors: dict[str, np.ndarray]) -> None:
+        tensors[name] = np.zeros_like(tensors[name])
+    _rewrite_shard(ckpt, shard, zero)
+
+
 def shard_deleted(ckpt: Path) -> None:
     shards(ckpt)[-1].unlink()
 
@@ -286,7 +307,10 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "config_missing": (config_missing, {"CFG001"}, {"CFG001"}),
     "model_type_changed": (model_type_changed, {"CFG002"}, set()),
     "vocab_size_changed": (vocab_size_changed, {"CFG004"}, {"CFG004"}),
-    "tie_flag_flipped": (tie_flag_flipped, {"CFG007"}, set()),
+    # The merged fixture is untied: flipped to tied, its distinct lm_head contradicts the flag.
+    "tie_flag_flipped": (tie_flag_flipped, {"CFG007", "WGT015"}, {"WGT015"}),
+    "nan_in_weights": (nan_in_weights, {"WGT013"}, {"WGT013"}),
+    "tensor_zeroed": (tensor_zeroed, {"WGT014"}, {"WGT014"}),
     "shard_deleted": (shard_deleted, {"WGT002"}, {"WGT002"}),
     "shard_truncated": (shard_truncated, {"WGT006"}, {"WGT006"}),
     "header_corrupted": (header_corrupted, {"WGT005"}, {"WGT005"}),
@@ -294,7 +318,8 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "index_points_to_wrong_shard": (index_points_to_wrong_shard, {"WGT011"}, {"WGT011"}),
     "lora_key_left": (lora_key_left, {"WGT010"}, {"WGT010"}),
     "tensor_shape_changed": (tensor_shape_changed, {"WGT008"}, set()),
-    "tensor_missing": (tensor_missing, {"WGT007"}, set()),
+    # lm_head dropped from an untied model: missing against the base, and the flag left untied.
+    "tensor_missing": (tensor_missing, {"WGT007", "WGT016"}, {"WGT016"}),
     "pickle_only": (pickle_only, {"SAF001"}, {"SAF001"}),
     "auto_map_added": (auto_map_added, {"SAF002"}, {"SAF002"}),
     "adapter_config_left": (adapter_config_left, {"WGT012"}, {"WGT012"}),

@@ -10,11 +10,15 @@ import pytest
 from breakage import BREAKAGES
 from conftest import BASE, MERGED
 from pytest_llmmerge.checkpoint import Checkpoint
-from pytest_llmmerge.integrity import CHECKS, CODES, CheckOutcome, Context, run_all
+from pytest_llmmerge.docs import ALL_CHECKS
+from pytest_llmmerge.integrity import CHECKS, CODES, CheckOutcome, Context, run_all, run_check
+from pytest_llmmerge.weights import WEIGHT_CHECKS
 
 
 def scan(model: Path, base: Path | None = BASE, **flags: bool) -> list[CheckOutcome]:
-    return run_all(Context(Checkpoint(model), Checkpoint(base) if base else None, **flags))
+    """The header checks and the tensor-data checks, as a run without --llm-audit-merge has them."""
+    ctx = Context(Checkpoint(model), Checkpoint(base) if base else None, **flags)
+    return run_all(ctx) + [run_check(check, ctx) for check in WEIGHT_CHECKS]
 
 
 def error_codes(outcomes: list[CheckOutcome]) -> set[str]:
@@ -35,7 +39,7 @@ def test_healthy_base_passes_against_itself() -> None:
 def test_without_base_the_base_checks_are_skipped_not_passed() -> None:
     outcomes = scan(MERGED, base=None)
     skipped = {o.check.name for o in outcomes if o.skipped}
-    assert skipped == {c.name for c in CHECKS if c.needs_base}
+    assert skipped == {c.name for c in (*CHECKS, *WEIGHT_CHECKS) if c.needs_base}
     assert all("--llm-base" in (o.skipped or "") for o in outcomes if o.check.needs_base)
 
 
@@ -50,7 +54,7 @@ def test_each_breakage_fails_exactly_its_codes(name: str, broken: Callable[[str]
             # The finding names a file a user can open, and says what is wrong in words.
             assert finding.file and finding.file in finding.render()
             assert (model / finding.file).exists() or finding.code in {"WGT002", "GEN001", "CFG001", "TOK004",
-                                                                       "WGT001", "TOK001"}
+                                                                       "WGT001", "TOK001"}, finding
             assert len(finding.message) > 20
 
 
@@ -100,7 +104,7 @@ def test_inherited_eos_gap_is_only_a_warning(tmp_path: Path, broken: Callable[[s
 
 
 def test_every_code_belongs_to_exactly_one_check() -> None:
-    owned = [code for check in CHECKS for code in check.codes]
+    owned = [code for check in ALL_CHECKS for code in check.codes]
     assert sorted(owned) == sorted(CODES)
 
 

@@ -13,14 +13,16 @@ from breakage import BREAKAGES
 from conftest import BASE, MERGED
 from pytest_llmmerge.integrity import CHECKS
 from pytest_llmmerge.settings import OPTIONS
+from pytest_llmmerge.weights import WEIGHT_CHECKS
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "safetensors")
-N_CHECKS = len(CHECKS)
-N_BASE_CHECKS = sum(c.needs_base for c in CHECKS)
+FILE_CHECKS = (*CHECKS, *WEIGHT_CHECKS)
+N_CHECKS = len(FILE_CHECKS)
+N_BASE_CHECKS = sum(c.needs_base for c in FILE_CHECKS)
 # Paths are passed as --opt=PATH: pytest picks its rootdir from path-like arguments, and the
 # value of an unknown-at-that-time option given as a separate word would count as one.
-# The integrity items alone: without a suite the built-in default suite would also run.
-ONLY = ("-m", "llmmerge_integrity")
+# The integrity and weight items alone: without a suite the built-in default suite would also run.
+ONLY = ("-m", "llmmerge_integrity or llmmerge_weights")
 
 
 def test_help_lists_every_option_in_one_group_without_importing_torch(tmp_path: Path) -> None:
@@ -49,10 +51,14 @@ def test_healthy_model_with_base_passes_every_item(pytester: pytest.Pytester) ->
         "def pytest_sessionfinish(session):\n"
         f"    heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
         "    print('HEAVY', heavy)\n")
-    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", f"--llm-base={BASE}", "-v", "-s", *ONLY)
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", f"--llm-base={BASE}", "-v", "-s", "-rA", *ONLY)
     result.assert_outcomes(passed=N_CHECKS)
     result.stdout.fnmatch_lines(["llmmerge model: *merged", "*integrity::config PASSED*",
-                                 "*integrity::weights_vs_base PASSED*", "*HEAVY []"])
+                                 "*integrity::weights_vs_base PASSED*", "*weights::finite*",
+                                 "[[]llmmerge[]] weights: reading model-00003-of-00003.safetensors (3/3, 13 tensors, *",
+                                 "PASSED*", "*HEAVY []", "PASSED weights::change_vs_base"])
+    # Progress goes on lines of its own: an item's name is never written twice.
+    assert result.stdout.str().count("weights::finite") == 2  # its -v line and the -rA summary
 
 
 def test_items_run_even_when_a_test_path_holds_no_tests(pytester: pytest.Pytester) -> None:
@@ -123,7 +129,7 @@ def test_breakage_fails_its_items_with_code_and_file(pytester: pytest.Pytester, 
                                                      broken: Callable[[str], Path]) -> None:
     model = broken(name)
     _, codes, _ = BREAKAGES[name]
-    failing = sorted(c.name for c in CHECKS if set(c.codes) & codes)
+    failing = sorted(c.name for c in FILE_CHECKS if set(c.codes) & codes)
     result = pytester.runpytest_subprocess(f"--llm-model={model}", f"--llm-base={BASE}", "-rfs", *ONLY)
     output = result.stdout.str()
     assert "INTERNALERROR" not in output + result.stderr.str()
