@@ -45,7 +45,7 @@ from .checkpoint import (
 
 # Bump when the output for the same inputs would change (a fix in how we merge or write):
 # every cached merge is then rebuilt instead of silently reused.
-FORMAT_VERSION = "pytest-llmmerge-merge/1"
+FORMAT_VERSION = "pytest-llmmerge-merge/2"  # 2: rounding between adapters of one spec
 DTYPES = ("float32", "bfloat16", "float16")
 ADAPTER_CONFIG = "adapter_config.json"
 # Copied from the base byte for byte, whichever of them exist.
@@ -200,20 +200,21 @@ def build_chain(
     scale: float = 1.0,
     progress: Progress | None = None,
 ) -> list[Path]:
-    """Stage k = merge(stage k-1, adapter k), each stage cached; returns [stage 1, ..., stage n].
+    """Stage k = base + adapters 1..k, each stage one cached build; returns [stage 1, ..., stage n].
 
-    Stage k's key covers every earlier input because it hashes stage k-1's files.
+    Stage k is merged from the base in one build (rounded to the output dtype between adapters,
+    as saving each stage would), the same inputs variants.Chain uses, so the two share the cache
+    and any single stage costs one build.
     """
     say = progress or (lambda message: None)
     stages: list[Path] = []
-    previous = Path(base)
     for i, adapter in enumerate(adapters, 1):
         say(f"stage {i}/{len(adapters)}: {Path(adapter).name}")
-        spec = MergeSpec(previous, (Path(adapter),), compute_dtype, output_dtype, scale)
-        previous, built = cached_merge(spec, cache_dir, progress=progress)
+        spec = MergeSpec(Path(base), tuple(Path(a) for a in adapters[:i]), compute_dtype, output_dtype, scale)
+        stage, built = cached_merge(spec, cache_dir, progress=progress)
         if not built:
-            say(f"stage {i}/{len(adapters)}: cached {previous}")
-        stages.append(previous)
+            say(f"stage {i}/{len(adapters)}: cached {stage}")
+        stages.append(stage)
     return stages
 
 
@@ -270,6 +271,10 @@ def _merge_into(spec: MergeSpec, tmp: Path, say: Progress) -> None:
             model = peft_model.merge_and_unload()
         if tied:
             _check_still_tied(model, adapter)
+        if i < len(spec.adapters) and output_dtype != spec.compute_dtype:
+            # What saving this stage and loading it for the next merge does: a merge of a1..ak
+            # in one spec gives the same bytes as k merges of one adapter each, saved between.
+            model = model.to(getattr(torch, output_dtype)).to(getattr(torch, spec.compute_dtype))
 
     if output_dtype != spec.compute_dtype:
         model = model.to(getattr(torch, output_dtype))

@@ -334,6 +334,7 @@ class CaseFailed(Exception):
         self.generation = generation
         self.partial = partial
         self.log_tail = log_tail
+        self.bisect: list[str] = []  # with --llm-bisect: the first failing stage of the chain
 
 
 def _cut(text: str, limit: int) -> str:
@@ -375,14 +376,59 @@ class CaseItem(pytest.Item):
             generation = runner.generate(self.worker_key, Pending(self.nodeid, self.request(), self.case.timeout_s),
                                          upcoming)
         except DeadlineExceeded as exc:
-            raise CaseFailed([str(exc)], partial=exc.partial[0] if exc.partial else "") from None
+            failure = CaseFailed([str(exc)], partial=exc.partial[0] if exc.partial else "")
         except WorkerError as exc:
-            raise CaseFailed([str(exc)], log_tail=exc.log_tail) from None
-        self.user_properties += [("finish_reason", generation.finish_reason),
-                                 ("new_tokens", len(generation.token_ids)), ("seconds", round(generation.seconds, 4))]
-        reasons = evaluate(self.case, generation)
-        if reasons:
-            raise CaseFailed(reasons, generation)
+            failure = CaseFailed([str(exc)], log_tail=exc.log_tail)
+        else:
+            self.user_properties += [("finish_reason", generation.finish_reason),
+                                     ("new_tokens", len(generation.token_ids)),
+                                     ("seconds", round(generation.seconds, 4))]
+            reasons = evaluate(self.case, generation)
+            if not reasons:
+                return
+            failure = CaseFailed(reasons, generation)
+        settings = self.config.stash[SETTINGS_KEY]
+        if settings.bisect and self.variant == "merged" and _chain(self.config).n:
+            failure.bisect = self._bisect(failure.reasons[0])
+        raise failure from None
+
+    def _bisect(self, reason: str) -> list[str]:
+        """Probe the chain's stages with this case to name the adapter that broke it."""
+        from .bisection import Probe, bisect_stages
+        from .expectations import evaluate
+        from .runner import Pending
+        from .worker import WorkerError
+
+        runner, chain = _runner(self.config), _chain(self.config)
+        say = _progress(self.config) or (lambda message: None)
+        items = self.session.items
+        later = items[items.index(self) + 1:] if self in items else []
+        keep = {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
+
+        def probe(k: int) -> Probe:
+            key = ("reference" if k == 0 else f"stage{k}", self.backend)
+            try:
+                generation = runner.generate(key, Pending(f"{self.nodeid}@stage{k}", self.request(),
+                                                          self.case.timeout_s))
+            except WorkerError as exc:  # a missed deadline is a failure of the stage, not of the bisection
+                result = Probe(k, True, str(exc).splitlines()[0])
+            else:
+                reasons = evaluate(self.case, generation)
+                result = Probe(k, bool(reasons), reasons[0] if reasons else
+                               f"finish_reason={generation.finish_reason}, {len(generation.token_ids)} tokens")
+            finally:
+                runner.keep_only(keep)  # one stage's model at a time
+            say(f"bisect {self.name}: stage {k} {'fails' if result.failed else 'passes'}")
+            return result
+
+        try:
+            found = bisect_stages(chain.n, probe, last=Probe(chain.n, True, reason))
+        except Exception as exc:  # a build or load that fails must not hide the case's own failure
+            return [f"bisect could not finish: {type(exc).__name__}: {exc}"]
+        self.user_properties += [("bisect_first_failing_stage", found.first_bad),
+                                 ("bisect_adapter", str(chain.adapters[found.first_bad - 1]) if found.first_bad
+                                  else None)]
+        return found.lines(chain.adapters, chain.built_now)
 
     def _upcoming(self) -> list[CaseItem]:
         items = self.session.items
@@ -408,6 +454,7 @@ class CaseItem(pytest.Item):
             lines.append("  worker log (last lines):\n" + "\n".join("    " + line for line in error.log_tail.splitlines()))
         if case.note:
             lines.append(f"  why this case exists: {case.note}")
+        lines += ["  " + line for line in error.bisect]
         return "\n".join(lines)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:

@@ -2,7 +2,9 @@
 
 A chain is the base s0, adapters a1..an and merged stages s1..sn, where sk = merge(s(k-1), ak).
 A stage is the user's own checkpoint when given (`--llm-stage` for the intermediate ones,
-`--llm-model` for the last), otherwise it is built (cached) by :mod:`merge`.  The variants a
+`--llm-model` for the last), otherwise it is built (cached) by :mod:`merge` in one build from
+the last given stage (or the base) and the adapters after it, so any stage costs one build
+whether or not the stages before it exist (bisection builds about log2(n) of them).  The variants a
 suite runs on:
 
 - ``reference``: s0, the base;
@@ -48,6 +50,8 @@ class Chain:
     merge_dtype: str = "float32"
     progress: Callable[[str], None] | None = None
     _built: dict[int, Path] = field(default_factory=dict)
+    # stage -> True when this run built it, False when it came from the cache.
+    built_now: dict[int, bool] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -78,9 +82,14 @@ class Chain:
 
             if self.cache_dir is None:
                 raise VariantUnavailable("no cache directory to build merged stages in")
-            spec = MergeSpec(base=self.stage(k - 1), adapters=(self.adapters[k - 1],),
-                             compute_dtype=self.merge_dtype)
-            self._built[k], _ = cached_merge(spec, self.cache_dir, progress=self.progress)
+            # From the last stage the user gave, never from another built one: the cache key
+            # (its inputs) is then the same whichever stages a run happens to build first.
+            start = len(self.given_stages)
+            if self.progress is not None:
+                self.progress(f"stage {k}/{self.n}: merging adapters {start + 1}..{k} into "
+                              f"{'the base' if start == 0 else f'stage {start}'}")
+            spec = MergeSpec(base=self.stage(start), adapters=self.adapters[start:k], compute_dtype=self.merge_dtype)
+            self._built[k], self.built_now[k] = cached_merge(spec, self.cache_dir, progress=self.progress)
         return self._built[k]
 
     def resolve(self, variant: str) -> ModelSpec:
