@@ -68,22 +68,22 @@ class ParityReport:
         return [f"- {f}" for f in self.failures] + self.details
 
     def add_drift(self, chain: Any, stage: int) -> None:
-        """Name the layers whose merged weights moved furthest from an fp32 merge of the same inputs."""
-        from .merge import MergeSpec, cached_merge
+        """Name the tensors that lost most of adapter k's update (the merge-precision audit)."""
+        from .audit import AuditError, audit
+        from .checkpoint import Checkpoint
 
-        candidate, previous = chain.stage(stage), chain.stage(stage - 1)
-        if chain.cache_dir is None:
+        try:
+            result = audit(Checkpoint(chain.stage(stage)), Checkpoint(chain.stage(stage - 1)),
+                           (chain.adapters[stage - 1],))
+        except AuditError as exc:
+            self.details.append(f"no per-layer audit: {exc}")
             return
-        reference, _ = cached_merge(MergeSpec(base=previous, adapters=(chain.adapters[stage - 1],)),
-                                    chain.cache_dir, progress=chain.progress)
-        if Path(reference).resolve() == Path(candidate).resolve():
-            return
-        worst = layer_drift(Path(candidate), Path(reference), Path(previous))
+        worst = sorted(result.layers, key=lambda layer: -layer.error)[:5]
         if worst:
-            self.metrics["worst_layers"] = worst[:5]
+            self.metrics["worst_layers"] = [(layer.tensor, layer.error) for layer in worst]
             self.details.append("layers that lost most of the fine-tuning delta "
-                                "(||W_model - W_fp32 merge|| / ||W_fp32 merge - W_before||):")
-            self.details += [f"    {name}: {ratio:.3g}" for name, ratio in worst[:5]]
+                                "(||W_merged - (W_before + dW_fp32)|| / ||dW||):")
+            self.details += [f"    {layer.tensor}: {layer.error:.3g}" for layer in worst]
 
 
 def _doc(text: str) -> str:
@@ -170,39 +170,6 @@ def compare_reference(reference: Caller, merged: Caller, texts: Sequence[str], s
                                f"{settings.max_ppl_ratio}; worst document {_doc(texts[worst])} "
                                f"(ratio {per_doc[worst]:.3g})")
     return report
-
-
-def layer_drift(candidate: Path, reference: Path, previous: Path) -> list[tuple[str, float]]:
-    """Per tensor, ||W_candidate - W_reference|| / ||W_reference - W_previous||, worst first.
-
-    Streams one tensor at a time from the safetensors shards (bounded memory); tensors the
-    fine-tune did not change are left out.
-    """
-    import torch
-    from safetensors import safe_open
-
-    def index(path: Path) -> dict[str, Path]:
-        out: dict[str, Path] = {}
-        for shard in sorted(path.glob("*.safetensors")):
-            if shard.name.startswith("adapter_model"):
-                continue
-            with safe_open(str(shard), framework="pt") as fh:
-                out.update({k: shard for k in fh.keys()})
-        return out
-
-    def load(files: dict[str, Path], name: str) -> Any:
-        with safe_open(str(files[name]), framework="pt") as fh:
-            return fh.get_tensor(name).to(torch.float64)
-
-    cand, ref, prev = index(candidate), index(reference), index(previous)
-    drift = []
-    for name in sorted(set(cand) & set(ref) & set(prev)):
-        r = load(ref, name)
-        delta = (r - load(prev, name)).norm().item()
-        if delta == 0:
-            continue
-        drift.append((name, (load(cand, name) - r).norm().item() / delta))
-    return sorted(drift, key=lambda item: -item[1])
 
 
 def _token_name(ckpt: Any, token_id: int | None) -> str:
