@@ -86,6 +86,15 @@ class ParityReport:
             self.details += [f"    {layer.tensor}: {layer.error:.3g}" for layer in worst]
 
 
+def _finite(report: ParityReport, **figures: float) -> bool:
+    """A NaN compares false with every tolerance: name it as the failure instead of passing it."""
+    bad = [f"{name} = {value}" for name, value in figures.items() if not math.isfinite(value)]
+    if bad:
+        report.failures.append(f"{', '.join(bad)}: the model's log-probabilities hold NaN or Inf, so nothing can be "
+                               "compared (weights::finite names the tensors)")
+    return not bad
+
+
 def _doc(text: str) -> str:
     return repr(text if len(text) <= _DOC_CUT else text[:_DOC_CUT] + "...")
 
@@ -105,6 +114,8 @@ def compare_stage(adapter: Caller, merged: Caller, texts: Sequence[str], prompts
     mean_kl = sum(sum(k) for k in kls) / max(1, sum(len(k) for k in kls))
     report.metrics.update(ppl_adapter=ppl_a, ppl_merged=ppl_m, ppl_rel_diff=rel, kl_mean=mean_kl,
                           tokens=sum(len(s.logprobs) for s in p_scores))
+    if not _finite(report, ppl_adapter=ppl_a, ppl_merged=ppl_m, kl_mean=mean_kl):
+        return report
     doc_rel = [metrics.relative_difference(metrics.perplexity([p]), metrics.perplexity([q]))
                for p, q in zip(p_scores, q_scores)]
     doc_kl = [sum(k) / max(1, len(k)) for k in kls]
@@ -162,6 +173,8 @@ def compare_reference(reference: Caller, merged: Caller, texts: Sequence[str], s
         name, a, b = "bits per byte", metrics.bits_per_byte(ref), metrics.bits_per_byte(mine)
     ratio = b / a if a else math.inf
     report.metrics.update(measure=name, reference=a, merged=b, ratio=ratio)
+    if not _finite(report, reference=a, merged=b):
+        return report
     if ratio > settings.max_ppl_ratio:
         per_doc = [(m_ / r_ if r_ else math.inf) for r_, m_ in zip(
             (metrics.perplexity([r]) for r in ref), (metrics.perplexity([m]) for m in mine))]
@@ -204,6 +217,8 @@ def compare_backends(hf: Caller, vllm: Caller, texts: Sequence[str], prompts: Se
     ppl_hf, ppl_vllm = metrics.perplexity(hf_scores), metrics.perplexity(vllm_scores)
     rel = metrics.relative_difference(ppl_hf, ppl_vllm)
     report.metrics.update(ppl_hf=ppl_hf, ppl_vllm=ppl_vllm, ppl_rel_diff=rel)
+    if not _finite(report, ppl_hf=ppl_hf, ppl_vllm=ppl_vllm):
+        return report
     if rel > settings.ppl_rtol:
         report.failures.append(f"perplexity HF {ppl_hf:.4f} vs vLLM {ppl_vllm:.4f}: relative difference {rel:.3%} "
                                f"> llm_ppl_rtol {settings.ppl_rtol:.3%}")

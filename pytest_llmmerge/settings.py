@@ -109,6 +109,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "bisection (about log2(n) builds, cached) and name that stage's adapter",
     ),
     OptionSpec(
+        "report", "--llm-report", "llm_report", "LLMMERGE_REPORT", "path",
+        "write the run's report as JSON to PATH (schema: pytest_llmmerge/report.schema.json)", "PATH",
+    ),
+    OptionSpec(
+        "report_md", "--llm-report-md", "llm_report_md", "LLMMERGE_REPORT_MD", "path",
+        "write the report as Markdown to PATH, and append it to $GITHUB_STEP_SUMMARY when that is set", "PATH",
+    ),
+    OptionSpec(
         "allow_pickle", "--llm-allow-pickle", "llm_allow_pickle", "LLMMERGE_ALLOW_PICKLE",
         "bool", "accept pickle-only weight files (.bin/.pt), which can run code when loaded",
     ),
@@ -191,6 +199,8 @@ class Settings:
     # through bfloat16 lose 0.4-0.7 % on the fixtures (huge updates) and far more on real LoRAs.
     audit_max_error: float = 0.001
     bisect: bool = False
+    report: Path | None = None
+    report_md: Path | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf", "vllm")
@@ -352,4 +362,6 @@ def describe(settings: Settings) -> Sequence[str]:
     lines.append(f"llmmerge base: {settings.base if settings.base else '(none: base checks skipped)'}")
     for i, adapter in enumerate(settings.adapters, 1):
         lines.append(f"llmmerge adapter {i}: {adapter}")
+    lines.append(f"llmmerge backends: {', '.join(settings.backends)}; device {settings.device}; dtype {settings.dtype}; "
+                 f"merges built in {settings.merge_dtype}")
     return lines

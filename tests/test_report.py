@@ -1,0 +1,102 @@
+"""The JSON and Markdown reports, JUnit properties, the terminal summary, and pytest-xdist runs."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import BASE, MERGED
+from pytest_llmmerge import report
+
+SUITE = """\
+suite: gate
+defaults: {max_new_tokens: 24, timeout_s: 120}
+cases:
+  - id: stops
+    prompt: "Repeat: apple river stone\\n"
+    must_terminate: true
+  - id: chat
+    messages: [{role: user, content: Hello}]
+    must_terminate: true
+  - id: impossible
+    prompt: "Repeat: apple\\n"
+    expect: {contains: "this text is never produced"}
+"""
+
+
+def run(pytester: pytest.Pytester, model: Path, *extra: str) -> pytest.RunResult:
+    pytester.makefile(".yaml", gate=SUITE)
+    return pytester.runpytest_subprocess(f"--llm-model={model}", f"--llm-base={BASE}", "--llm-backend=hf",
+                                         "-p", "no:cacheprovider", "gate.yaml", *extra)
+
+
+def outcomes(data: dict[str, object]) -> dict[str, str]:
+    return {i["nodeid"]: i["outcome"] for i in data["items"]}  # type: ignore[attr-defined, index]
+
+
+def test_reports_junit_and_summary(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                   broken: Callable[[str], Path]) -> None:
+    model = broken("nan_in_weights")
+    step_summary = pytester.path / "step-summary.md"
+    step_summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    result = run(pytester, model, "--llm-report=out/report.json", "--llm-report-md=out/report.md",
+                 "--junitxml=out/junit.xml")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+    data = json.loads((pytester.path / "out" / "report.json").read_text())
+    report.validate(data)
+    items = {i["nodeid"]: i for i in data["items"]}
+    assert data["summary"]["failed"] == 3 and data["summary"]["exit_status"] == 1
+    assert items["weights::finite"]["outcome"] == "failed"
+    (finding,) = items["weights::finite"]["findings"]
+    assert finding["code"] == "WGT013" and finding["severity"] == "error" and "NaN" in finding["message"]
+    case = items["gate.yaml::stops[merged-hf]"]
+    assert (case["kind"], case["variant"], case["backend"]) == ("suite", "merged", "hf")
+    assert case["metrics"]["finish_reason"] == "stop" and case["metrics"]["new_tokens"] > 0
+    assert items["gate.yaml::impossible[merged-hf]"]["outcome"] == "failed"
+    assert "this text is never produced" in items["gate.yaml::impossible[merged-hf]"]["message"]
+    # NaN logits make every token's log-probability NaN: parity names that instead of passing
+    # (a NaN compares false with every tolerance), and the figures stay in the report as strings.
+    parity = items["parity::merged-vs-reference[hf]"]
+    assert parity["kind"] == "parity" and parity["outcome"] == "failed"
+    assert parity["metrics"]["merged"] == "nan" and "hold NaN or Inf" in parity["message"]
+    assert data["workers"]["merged-hf"]["loads"] == 1 and data["summary"]["model_loads"] == 2
+    assert {"torch", "transformers", "peft", "pytest-llmmerge"} <= set(data["versions"])
+
+    markdown = (pytester.path / "out" / "report.md").read_text()
+    assert "## pytest-llmmerge: ❌ gated: do not ship" in markdown
+    # The NaN model "stops" at once: argmax of NaN logits is token 0, the eos. Only
+    # weights::finite and parity show what is wrong.
+    assert "### Suite cases on `merged` with `hf` (3/3 stopped at eos)" in markdown
+    assert "| `weights::finite` | ❌ failed | WGT013" in markdown
+    assert step_summary.read_text() == "earlier step\n" + markdown
+
+    junit = ET.parse(pytester.path / "out" / "junit.xml").getroot()
+    props = {(case.get("name"), p.get("name")): p.get("value") for case in junit.iter("testcase")
+             for p in case.iter("property")}
+    assert props[("stops[merged-hf]", "finish_reason")] == "stop"
+    assert props[("merged-vs-reference[hf]", "merged")] == "nan"
+    assert "WGT013" in {name for _, name in props}
+
+    result.stdout.fnmatch_lines(["*= llmmerge summary =*", "suite cases * passed failed  stopped at eos *",
+                                 "merged-hf * 2 * 1 * 3/3 *", "parity::merged-vs-reference[[]hf[]] * failed *",
+                                 "worker merged-hf: 1 model load(s)*", "report written to *report.json"])
+
+
+def test_xdist_gives_the_same_outcomes_as_a_serial_run(pytester: pytest.Pytester) -> None:
+    serial = run(pytester, MERGED, "--llm-report=serial.json")
+    parallel = run(pytester, MERGED, "--llm-report=parallel.json", "-n", "2")
+    assert serial.ret == parallel.ret == pytest.ExitCode.TESTS_FAILED  # the impossible case
+    a = json.loads((pytester.path / "serial.json").read_text())
+    b = json.loads((pytester.path / "parallel.json").read_text())
+    assert outcomes(a) == outcomes(b)
+    assert len(outcomes(a)) == 11 + 4 + 3 + 1
+    # Each xdist process loads what its own items need; the controller adds up their loads.
+    assert b["summary"]["model_loads"] >= a["summary"]["model_loads"] == 2
+    finish = {i["nodeid"]: i["metrics"].get("finish_reason") for i in a["items"]}
+    assert finish == {i["nodeid"]: i["metrics"].get("finish_reason") for i in b["items"]}
