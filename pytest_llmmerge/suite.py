@@ -270,6 +270,10 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     if kind == "oneOf" and isinstance(instance, dict):  # the schema's one oneOf: prompt | messages
         given = "both given" if "prompt" in instance and "messages" in instance else "neither given"
         return [f"{path}: give exactly one of 'prompt' or 'messages' ({given})"]
+    if kind == "anyOf" and len(error.absolute_path) >= 2 and error.absolute_path[-2] == "variants":
+        close = difflib.get_close_matches(str(instance), VARIANTS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "use merged, adapter, reference, stage<k> or stage<k>-adapter"
+        return [f"{path}: unknown variant {_short(instance)} ({hint})"]
     if kind == "type":
         types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
         return [f"{path}: {_short(instance)} is not of type {', '.join(repr(t) for t in types)}"]

@@ -65,6 +65,8 @@ class Chain:
             names.append(ADAPTER)
         if self.candidate is not None or (self.n and self.base is not None):
             names.append(MERGED)
+        if self.n and self.base is not None:
+            names += [f"stage{k}{suffix}" for k in range(1, self.n + 1) for suffix in ("", "-adapter")]
         return names
 
     def stage(self, k: int) -> Path:
