@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conftest import REPO
 from pytest_llmmerge.docs import codes_table, options_table
+from pytest_llmmerge.settings import OPTIONS
 
 
 def test_readme_lists_every_option() -> None:
@@ -12,3 +15,33 @@ def test_readme_lists_every_option() -> None:
 
 def test_readme_lists_every_integrity_code() -> None:
     assert codes_table() in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_options_table_equals_help(tmp_path: Path) -> None:
+    """The flags `pytest --help` lists in the plugin's group are exactly the README table's."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "--help"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout
+    group = out[out.index("LLM merge gating (pytest-llmmerge)"):]
+    group = group[:group.index("\n\n")]
+    in_help = set(re.findall(r"^  (--llm-[a-z0-9-]+)", group, flags=re.M))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    in_readme = set(re.findall(r"^\| `(--llm-[a-z0-9-]+)", readme, flags=re.M))
+    assert in_help == in_readme and len(in_help) == len(OPTIONS)
+
+
+def test_github_actions_example_uses_real_options_and_gates_release() -> None:
+    import yaml
+
+    workflow = yaml.safe_load((REPO / "examples" / "github-actions.yml").read_text(encoding="utf-8"))
+    gate = workflow["jobs"]["gate"]
+    command = next(step["run"] for step in gate["steps"] if step.get("name") == "Gate")
+    flags = {word.split("=")[0] for word in command.split() if word.startswith("--llm-")}
+    assert flags <= {spec.flag for spec in OPTIONS}
+    assert {"--llm-report", "--llm-report-md", "--llm-model"} <= flags
+    upload = next(step for step in gate["steps"] if step.get("name") == "Upload the report")
+    assert upload["if"] == "always()" and "llmmerge-report.json" in upload["with"]["path"]
+    assert workflow["jobs"]["release"]["needs"] == "gate"
