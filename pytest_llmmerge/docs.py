@@ -13,16 +13,20 @@ from .weights import WEIGHT_CHECKS
 ALL_CHECKS = (*CHECKS, *WEIGHT_CHECKS, *AUDIT_CHECKS)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare | would split the Markdown table cell
+
+
 def codes_table() -> str:
     owner = {code: f"{check.group}::{check.name}" for check in ALL_CHECKS for code in check.codes}
     rows = ["| code | item | what it flags | field failure it catches |", "|---|---|---|---|"]
-    rows += [f"| {code} | `{owner[code]}` | {what} | {story} |" for code, (what, story) in CODES.items()]
+    rows += [f"| {code} | `{owner[code]}` | {_cell(what)} | {_cell(story)} |" for code, (what, story) in CODES.items()]
     return "\n".join(rows)
 
 
 def options_table() -> str:
     rows = ["| flag | ini | environment | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{s.flag}{' ' + s.metavar if s.metavar else ''}` | `{s.ini}` | `{s.env}` | {s.help} |"
+    rows += [f"| `{s.flag}{' ' + s.metavar if s.metavar else ''}` | `{s.ini}` | `{s.env}` | {_cell(s.help)} |"
              for s in OPTIONS]
     return "\n".join(rows)
 

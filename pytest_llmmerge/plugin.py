@@ -7,6 +7,7 @@ torch-free; models load in worker processes when the first item needs them.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import tempfile
@@ -686,11 +687,16 @@ def _progress(config: pytest.Config) -> Any:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None or config.get_verbosity() < 0:
         return None
+    capture = config.pluginmanager.get_plugin("capturemanager")
 
     def show(message: str) -> None:
-        writer = getattr(reporter, "_tw", None)
-        at_line_start = writer is None or getattr(writer, "width_of_current_line", 0) == 0
-        reporter.write(("" if at_line_start else "\n") + f"[llmmerge] {message}\n", flush=True)
+        # Output capture redirects the terminal's file descriptor while an item runs; lift it
+        # for the line, as pytest's live logging does, so progress never lands in a report.
+        suspended = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+        with suspended:
+            writer = getattr(reporter, "_tw", None)
+            at_line_start = writer is None or getattr(writer, "width_of_current_line", 0) == 0
+            reporter.write(("" if at_line_start else "\n") + f"[llmmerge] {message}\n", flush=True)
     return show
 
 

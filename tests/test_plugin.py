@@ -147,3 +147,15 @@ def test_warning_findings_pass_with_a_visible_warning(pytester: pytest.Pytester,
     result = pytester.runpytest_subprocess(f"--llm-model={model}", f"--llm-base={BASE}", *ONLY)
     result.assert_outcomes(passed=N_CHECKS, warnings=1)
     result.stdout.fnmatch_lines(["*IntegrityWarning: WGT003 warning: model-00001-of-00009.safetensors*"])
+
+
+def test_progress_is_live_quiet_under_q_and_never_captured(pytester: pytest.Pytester,
+                                                          broken: Callable[[str], Path]) -> None:
+    model = broken("nan_in_weights")  # a failing item: its report would show captured output
+    shown = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_weights", "-rf")
+    output = shown.stdout.str()
+    assert "[llmmerge] weights: reading model-00003-of-00003.safetensors" in output
+    assert "Captured stdout" not in output
+    quiet = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_weights", "-q")
+    quiet.assert_outcomes(failed=1, passed=2, skipped=1)
+    assert "[llmmerge]" not in quiet.stdout.str()
