@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 1 << 20
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-_LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+_LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 _LAYER = re.compile(r"^(?P<group>.*?\blayers?\.\d+)\.")
 SCAN_KEY = "weights.scan"
 
@@ -274,7 +274,7 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
     import numpy as np
 
     embedding = _embedding_name(located)
-    lm_head = next((n for n in _LM_HEAD_NAMES if n in located), None)
+    lm_head = _lm_head_name(located)
     if embedding is None or lm_head is None or located[embedding][2].shape != located[lm_head][2].shape:
         return None
     # Two readers over one checkpoint: one buffer each, so both chunks stay valid together.
@@ -298,7 +298,12 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
 
 
 def _embedding_name(names: dict[str, Any] | set[str]) -> str | None:
+    # Suffixes, not full names: multimodal checkpoints nest the language model (language_model.*).
     return next((n for n in sorted(names) if n.endswith(_EMBEDDING_SUFFIXES)), None)
+
+
+def _lm_head_name(names: dict[str, Any] | set[str]) -> str | None:
+    return next((n for n in sorted(names) if n.endswith(_LM_HEAD_SUFFIXES)), None)
 
 
 # --- the scan shared by the checks of one run -------------------------------------------------
@@ -377,10 +382,10 @@ def check_tied_embeddings(ctx: Context) -> list[Finding]:
     embedding = _embedding_name(names)
     if embedding is None:
         raise CheckSkipped("no input embedding tensor found by name")
-    lm_head = next((n for n in _LM_HEAD_NAMES if n in names), None)
+    lm_head = _lm_head_name(names)
     if not tied and lm_head is None:
         return [Finding("WGT016", "error", f"tie_word_embeddings is false but there is no lm_head tensor "
-                        f"({' or '.join(_LM_HEAD_NAMES)}): loaders initialise the output layer at random. "
+                        f"(*{' or *'.join(_LM_HEAD_SUFFIXES)}): loaders initialise the output layer at random. "
                         f"Fix: set tie_word_embeddings to true if the model was tied (the base's config "
                         "says), or save lm_head.weight (unsloth PR #9331)", CONFIG)]
     if tied and lm_head is not None:
