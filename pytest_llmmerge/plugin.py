@@ -1,39 +1,24 @@
-"""pytest wiring of pytest-llmmerge: options, markers, items and report hooks only.
+"""pytest wiring of pytest-llmmerge: options, markers, collection, ordering and fixtures.
 
-All decisions live in the core modules (settings, checkpoint, integrity, suite, runner); this
-module adapts them to pytest.  It imports nothing heavy, so `pytest --help` stays fast and
+All decisions live in the core modules (settings, checkpoint, integrity, suite, runner); the
+items are in plugin_items, the run's shared state in plugin_state and the report hooks in
+plugin_reporting.  Nothing heavy is imported here, so `pytest --help` stays fast and
 torch-free; models load in worker processes when the first item needs them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
-import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
+from .plugin_items import AgreementChecks, CaseItem, ComparisonItem, DefaultSuite, IntegrityChecks, ParityChecks, SuiteFile
+from .plugin_reporting import Reporting
+from .plugin_state import CORPORA_KEY, RUNNER_KEY, SETTINGS_KEY, SUITE_ERRORS_KEY, get_chain, get_runner
 from .settings import OPTIONS, Settings, SettingsError, describe, resolve_settings
-
-if TYPE_CHECKING:
-    from .backends.base import Generation
-    from .runner import Runner
-    from .suite import Case, Suite
-    from .variants import Chain
-
-SETTINGS_KEY = pytest.StashKey[Settings]()
-RUNNER_KEY = pytest.StashKey["Runner"]()
-SUITE_ERRORS_KEY = pytest.StashKey[list[str]]()
-CHAIN_KEY = pytest.StashKey["Chain"]()
-CORPORA_KEY = pytest.StashKey[list[str]]()
-# Backends that can score text, so parity items run on them.
-SCORING_BACKENDS = ("hf", "vllm")
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     """One "llmmerge" group; every flag has an ini twin and an environment variable."""
@@ -52,7 +37,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(spec.flag, action="store", dest=dest, default=None, metavar=spec.metavar,
                             help=help_text)
             parser.addini(spec.ini, spec.help, type="string", default="")
-
 
 def pytest_configure(config: pytest.Config) -> None:
     """Resolve settings once (CLI > env > ini); a bad value is a usage error naming its source."""
@@ -81,12 +65,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SUITE_ERRORS_KEY] = []
     config.stash[CORPORA_KEY] = []
 
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None:
         runner.close()
-
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """YAML suites: named on the command line, inside a directory named there, or matching a glob."""
@@ -96,7 +78,6 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     if _is_suite(parent.config, file_path, settings):
         return SuiteFile.from_parent(parent, path=file_path)
     return None
-
 
 def _is_suite(config: pytest.Config, file_path: Path, settings: Settings) -> bool:
     if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in settings.suite_globs):
@@ -111,7 +92,6 @@ def _is_suite(config: pytest.Config, file_path: Path, settings: Settings) -> boo
             return looks_like_suite(file_path)
     return False
 
-
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     """Model paths, backends, device, dtype and the versions that decide the results."""
     settings = config.stash.get(SETTINGS_KEY, None)
@@ -121,7 +101,6 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
 
     found = versions()
     return [*describe(settings), "llmmerge versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
-
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
@@ -151,7 +130,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.sort(key=lambda i: (1, order[i.worker_key]) if isinstance(i, CaseItem) else
                (2, 0) if isinstance(i, ComparisonItem) else (0, 0))
 
-
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Close workers no later item needs, so a chain's many variants never sit in memory together."""
     runner = item.config.stash.get(RUNNER_KEY, None)
@@ -163,7 +141,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return  # a user's test may ask any variant for its model: keep every worker
     runner.keep_only(key for i in later for key in i.worker_keys)  # type: ignore[attr-defined]
 
-
 def _generated(collector: pytest.Collector) -> list[pytest.Item]:
     """Collect a generated collector and report it, so pytest counts its items as collected."""
     items = [i for i in collector.collect() if isinstance(i, pytest.Item)]
@@ -172,424 +149,6 @@ def _generated(collector: pytest.Collector) -> list[pytest.Item]:
     collector.config.hook.pytest_collectreport(report=report)
     return items
 
-
-_KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement")
-
-
-class Reporting:
-    """Gathers one record per item and the workers' model loads; writes the reports at the end.
-
-    Registered as a plugin object in pytest_configure, so its hooks see the run's config.
-    """
-
-    def __init__(self, config: pytest.Config, settings: Settings) -> None:
-        self.config = config
-        self.settings = settings
-        self.records: dict[str, Any] = {}
-        self.remote_workers: dict[str, dict[str, Any]] = {}  # model loads of xdist processes
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """The call phase of each item, or the phase that skipped or failed it."""
-        if (report.when != "call" and report.outcome == "passed") or \
-                (report.when == "teardown" and report.outcome != "failed"):
-            return
-        from .report import record
-
-        kind = next((k for k in _KINDS if f"llmmerge_{k}" in report.keywords), "test")
-        given = {k: v for k, v in report.user_properties if k in ("variant", "backend")}
-        message = None
-        if report.skipped and isinstance(report.longrepr, tuple):
-            message = str(report.longrepr[2]).removeprefix("Skipped: ")
-        elif report.failed:
-            message = report.longreprtext[:4000]
-        self.records[report.nodeid] = record(  # a failing teardown replaces the call's record
-            report.nodeid, kind, report.outcome, report.duration,
-            [(k, v) for k, v in report.user_properties if k not in given],
-            variant=str(given["variant"]) if "variant" in given else None,
-            backend=str(given["backend"]) if "backend" in given else None, message=message)
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        """pytest-xdist: add up the model loads each xdist process's workers reported."""
-        _add_stats(self.remote_workers, getattr(node, "workeroutput", {}).get("llmmerge_workers", {}))
-
-    def worker_stats(self) -> dict[str, dict[str, Any]]:
-        from dataclasses import asdict
-
-        combined = {label: dict(numbers) for label, numbers in self.remote_workers.items()}
-        runner = self.config.stash.get(RUNNER_KEY, None)
-        if runner is not None:
-            _add_stats(combined, {label: asdict(stats) for label, stats in runner.stats().items()})
-        return combined
-
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Write --llm-report / --llm-report-md once: on the xdist controller, or the only process."""
-        if hasattr(self.config, "workerinput"):  # an xdist process: hand the controller our model loads
-            self.config.workeroutput["llmmerge_workers"] = self.worker_stats()  # type: ignore[attr-defined]
-            return
-        settings = self.settings
-        if settings.report is None and settings.report_md is None:
-            return
-        import dataclasses
-        from datetime import datetime, timezone
-
-        from . import report
-
-        built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
-                             workers=self.worker_stats(), exit_status=int(exitstatus),
-                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        if settings.report is not None:
-            report.write_json(built, settings.report)
-        if settings.report_md is not None:
-            text = report.markdown(built)
-            settings.report_md.parent.mkdir(parents=True, exist_ok=True)
-            settings.report_md.write_text(text, encoding="utf-8")
-            summary = os.environ.get("GITHUB_STEP_SUMMARY")
-            if summary:
-                with open(summary, "a", encoding="utf-8") as fh:
-                    fh.write(text)
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        """Termination and parity figures per variant and backend, and the model loads per worker."""
-        from .report import terminal_lines
-
-        lines = terminal_lines(list(self.records.values()), self.worker_stats())
-        lines += [f"{what} written to {path}" for what, path in (("report", self.settings.report),
-                                                                ("Markdown report", self.settings.report_md)) if path]
-        if lines:
-            terminalreporter.section("llmmerge summary")
-            for line in lines:
-                terminalreporter.write_line(line)
-
-
-def _add_stats(total: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> None:
-    for label, numbers in more.items():
-        mine = total.setdefault(label, {})
-        for key, value in numbers.items():
-            mine[key] = mine.get(key, 0) + value
-
-
-class IntegrityFailed(Exception):
-    def __init__(self, findings: list[Any], model: Path) -> None:
-        super().__init__(findings)
-        self.findings = findings
-        self.model = model
-
-
-class IntegrityChecks(pytest.Collector):
-    """The `integrity::<check>` items (files and headers), `weights::<check>` (tensor data) and,
-    with --llm-audit-merge, `audit::<check>`: one collector per group."""
-
-    def __init__(self, *, group: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.group = group
-
-    def collect(self) -> list[pytest.Item]:
-        return [IntegrityItem.from_parent(self, name=check.name, check=check) for check in _checks(self.group)]
-
-
-def _checks(group: str) -> tuple[Any, ...]:
-    if group == "integrity":
-        from .integrity import CHECKS
-
-        return CHECKS
-    if group == "weights":
-        from .weights import WEIGHT_CHECKS
-
-        return WEIGHT_CHECKS
-    from .audit import AUDIT_CHECKS
-
-    return AUDIT_CHECKS
-
-
-class IntegrityItem(pytest.Item):
-    """One check of the checkpoint's files, tensors or merge, failing with its findings."""
-
-    def __init__(self, *, check: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.check = check
-        self.check_name = check.name
-        self.worker_keys: tuple[tuple[str, str], ...] = ()  # reads files only, needs no model
-        self.add_marker("llmmerge")
-        self.add_marker(f"llmmerge_{check.group}")
-
-    def runtest(self) -> None:
-        from .integrity import IntegrityWarning, run_check
-
-        settings = self.config.stash[SETTINGS_KEY]
-        context = _integrity_context(self.config, settings)
-        outcome = run_check(self.check, context)
-        self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
-        self.user_properties.extend(_check_figures(self.check, context))
-        if outcome.skipped is not None:
-            pytest.skip(outcome.skipped)
-        for finding in outcome.warnings:
-            warnings.warn(IntegrityWarning(f"{finding.render()} ({context.model.path / finding.file})"),
-                          stacklevel=1)
-        if outcome.errors:
-            raise IntegrityFailed(outcome.errors, context.model.path)
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        if isinstance(excinfo.value, IntegrityFailed):
-            lines = [f"{self.check.group} check {self.check_name!r} failed on {excinfo.value.model}:"]
-            for finding in excinfo.value.findings:
-                lines.append(f"  {finding.code} {finding.file}: {finding.message}")
-            return "\n".join(lines)
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"{self.check.group}::{self.check_name}"
-
-
-def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:
-    """Tables a check computed, as user properties (they reach JUnit XML and the report)."""
-    if check.group == "weights" and check.name == "change_vs_base" and "weights.scan" in context.memo:
-        from .weights import change_table
-
-        return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo["weights.scan"])]
-    if check.group == "audit" and "audit.layers" in context.memo:
-        return [(f"merge_audit_error:{tensor}", layer["error"]) for tensor, layer in context.memo["audit.layers"].items()]
-    return []
-
-
-_CONTEXT_KEY = pytest.StashKey[Any]()
-
-
-def _integrity_context(config: pytest.Config, settings: Settings) -> Any:
-    """One Context per session, so every check shares the parsed files and headers."""
-    context = config.stash.get(_CONTEXT_KEY, None)
-    if context is None:
-        from .checkpoint import Checkpoint
-        from .integrity import Context
-
-        from .variants import MERGED
-
-        context = Context(
-            model=Checkpoint(_chain(config).resolve(MERGED).path),
-            base=Checkpoint(settings.base) if settings.base else None,
-            allow_pickle=settings.allow_pickle,
-            trust_remote_code=settings.trust_remote_code,
-            adapters=settings.adapters,
-            max_weight_change=settings.max_weight_change,
-            audit_max_error=settings.audit_max_error,
-            progress=_progress(config),
-        )
-        config.stash[_CONTEXT_KEY] = context
-    return context
-
-
-# --- suites ---------------------------------------------------------------------------------
-
-
-def _case_items(parent: pytest.Collector, suite: Suite) -> Iterator[CaseItem]:
-    settings = parent.config.stash[SETTINGS_KEY]
-    for case in suite.cases:
-        for variant in case.variants:
-            # A case without `backends` runs on every backend of the run; one with them, on those.
-            for backend in (b for b in settings.backends if not case.backends or b in case.backends):
-                yield CaseItem.from_parent(parent, name=f"{case.id}[{variant}-{backend}]", case=case,
-                                           variant=variant, backend=backend)
-
-
-class SuiteFile(pytest.File):
-    """A YAML suite; a bad one is reported as a usage error naming the file and JSON path."""
-
-    def collect(self) -> Iterator[CaseItem]:
-        from .suite import SuiteError, load_suite
-
-        try:
-            suite = load_suite(self.path)
-        except SuiteError as exc:
-            self.config.stash[SUITE_ERRORS_KEY].append(str(exc))
-            return iter(())
-        self.config.stash[CORPORA_KEY].extend(suite.corpus)
-        return _case_items(self, suite)
-
-
-class DefaultSuite(pytest.Collector):
-    """The built-in suite, run when --llm-model is given and no suite is."""
-
-    def __init__(self, *, suite: Suite, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.suite = suite
-
-    def collect(self) -> list[CaseItem]:
-        return list(_case_items(self, self.suite))
-
-
-class CaseFailed(Exception):
-    def __init__(self, reasons: list[str], generation: Generation | None = None, partial: str | None = None,
-                 log_tail: str = "") -> None:
-        super().__init__(reasons)
-        self.reasons = reasons
-        self.generation = generation
-        self.partial = partial
-        self.log_tail = log_tail
-        self.bisect: list[str] = []  # with --llm-bisect: the first failing stage of the chain
-
-
-def _cut(text: str, limit: int) -> str:
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f" ... ({len(text)} characters)"
-
-
-class CaseItem(pytest.Item):
-    """One suite case on one model variant and backend: generate, then check the output."""
-
-    def __init__(self, *, case: Case, variant: str, backend: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.case = case
-        self.variant = variant
-        self.backend = backend
-        self.worker_key = (variant, backend)
-        self.worker_keys = (self.worker_key,)
-        self.user_properties += [("variant", variant), ("backend", backend)]
-        self.add_marker("llmmerge")
-        self.add_marker("llmmerge_suite")
-        for tag in case.tags:
-            self.add_marker(pytest.mark.llmmerge_tag(tag))
-
-    def request(self) -> Any:
-        from .backends.base import GenRequest
-
-        return GenRequest(prompt=self.case.prompt, messages=self.case.messages, max_new_tokens=self.case.max_new_tokens)
-
-    def runtest(self) -> None:
-        from .expectations import evaluate
-        from .runner import Pending
-        from .worker import DeadlineExceeded, WorkerError
-
-        _skip_unavailable(self.backend)
-        if self.variant not in _chain(self.config).available():
-            pytest.skip(f"variant {self.variant!r} is not available in this run: the adapter-only and "
-                        "reference variants need --llm-base (and --llm-adapter)")
-        runner = _runner(self.config)
-        upcoming = [Pending(i.nodeid, i.request(), i.case.timeout_s) for i in self._upcoming()]
-        try:
-            generation = runner.generate(self.worker_key, Pending(self.nodeid, self.request(), self.case.timeout_s),
-                                         upcoming)
-        except DeadlineExceeded as exc:
-            failure = CaseFailed([str(exc)], partial=exc.partial[0] if exc.partial else "")
-        except WorkerError as exc:
-            failure = CaseFailed([str(exc)], log_tail=exc.log_tail)
-        else:
-            self.user_properties += [("finish_reason", generation.finish_reason),
-                                     ("new_tokens", len(generation.token_ids)),
-                                     ("seconds", round(generation.seconds, 4))]
-            reasons = evaluate(self.case, generation)
-            if not reasons:
-                return
-            failure = CaseFailed(reasons, generation)
-        settings = self.config.stash[SETTINGS_KEY]
-        if settings.bisect and self.variant == "merged" and _chain(self.config).n:
-            failure.bisect = self._bisect(failure.reasons[0])
-        raise failure from None
-
-    def _bisect(self, reason: str) -> list[str]:
-        """Probe the chain's stages with this case to name the adapter that broke it."""
-        from .bisection import Probe, bisect_stages
-        from .expectations import evaluate
-        from .runner import Pending
-        from .worker import WorkerError
-
-        runner, chain = _runner(self.config), _chain(self.config)
-        say = _progress(self.config) or (lambda message: None)
-        items = self.session.items
-        later = items[items.index(self) + 1:] if self in items else []
-        keep = {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
-
-        def probe(k: int) -> Probe:
-            key = ("reference" if k == 0 else f"stage{k}", self.backend)
-            try:
-                generation = runner.generate(key, Pending(f"{self.nodeid}@stage{k}", self.request(),
-                                                          self.case.timeout_s))
-            except WorkerError as exc:  # a missed deadline is a failure of the stage, not of the bisection
-                result = Probe(k, True, str(exc).splitlines()[0])
-            else:
-                reasons = evaluate(self.case, generation)
-                result = Probe(k, bool(reasons), reasons[0] if reasons else
-                               f"finish_reason={generation.finish_reason}, {len(generation.token_ids)} tokens")
-            finally:
-                runner.keep_only(keep)  # one stage's model at a time
-            say(f"bisect {self.name}: stage {k} {'fails' if result.failed else 'passes'}")
-            return result
-
-        try:
-            found = bisect_stages(chain.n, probe, last=Probe(chain.n, True, reason))
-        except Exception as exc:  # a build or load that fails must not hide the case's own failure
-            return [f"bisect could not finish: {type(exc).__name__}: {exc}"]
-        self.user_properties += [("bisect_first_failing_stage", found.first_bad),
-                                 ("bisect_adapter", str(chain.adapters[found.first_bad - 1]) if found.first_bad
-                                  else None)]
-        return found.lines(chain.adapters, chain.built_now)
-
-    def _upcoming(self) -> list[CaseItem]:
-        items = self.session.items
-        index = items.index(self)
-        return [i for i in items[index + 1:] if isinstance(i, CaseItem) and i.worker_key == self.worker_key]
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        error = excinfo.value
-        if not isinstance(error, CaseFailed):
-            return super().repr_failure(excinfo, style=style)
-        case = self.case
-        prompt = case.prompt if case.prompt is not None else " | ".join(f"{r}: {c}" for r, c in case.messages or ())
-        lines = [f"case {case.id!r} on {self.variant}-{self.backend} failed:"]
-        lines += [f"  - {reason}" for reason in error.reasons]
-        lines.append(f"  prompt: {_cut(prompt, 300)}")
-        if error.generation is not None:
-            g = error.generation
-            lines.append(f"  output ({len(g.token_ids)} tokens, finish_reason={g.finish_reason}, "
-                         f"stop token={g.stop_token_id}, budget={case.max_new_tokens}): {_cut(g.text, 500)}")
-        if error.partial is not None:
-            lines.append(f"  produced so far: {_cut(error.partial, 500)}")
-        if error.log_tail:
-            lines.append("  worker log (last lines):\n" + "\n".join("    " + line for line in error.log_tail.splitlines()))
-        if case.note:
-            lines.append(f"  why this case exists: {case.note}")
-        lines += ["  " + line for line in error.bisect]
-        return "\n".join(lines)
-
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        line = self.case.line - 1 if self.case.line is not None else None  # pytest counts from 0
-        return self.path, line, f"{self.case.id}[{self.variant}-{self.backend}]"
-
-
-def _runner(config: pytest.Config) -> Runner:
-    runner = config.stash.get(RUNNER_KEY, None)
-    if runner is None:
-        from .backends import resolve_spec
-        from .runner import Runner
-        from .settings import vllm_kwargs
-
-        settings = config.stash[SETTINGS_KEY]
-        # Under pytest-xdist every process has its own workers: share the cores between them.
-        processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-        threads = max(1, (os.cpu_count() or 1) // processes) if processes > 1 else None
-
-        chain = _chain(config)
-
-        def worker_kwargs(variant: str, backend: str) -> tuple[str, dict[str, Any]]:
-            spec = chain.resolve(variant)
-            kwargs: dict[str, Any] = {"model_path": str(spec.path), "adapters": [str(a) for a in spec.adapters],
-                                      "dtype": settings.dtype, "device": settings.device, "threads": threads,
-                                      "trust_remote_code": settings.trust_remote_code}
-            if backend == "vllm":
-                kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
-                if settings.kv_cache_gib is not None:
-                    kwargs["kv_cache_bytes"] = int(settings.kv_cache_gib * 2**30)
-                kwargs["extra"] = vllm_kwargs(settings)
-            return resolve_spec(backend), kwargs
-
-        runner = Runner(worker_kwargs=worker_kwargs, log_dir=Path(tempfile.mkdtemp(prefix="llmmerge-workers-")),
-                        batch_size=settings.batch_size, load_timeout_s=settings.load_timeout_s,
-                        on_status=_progress(config))
-        config.stash[RUNNER_KEY] = runner
-    return runner
-
-
-# --- fixtures for users' own tests ------------------------------------------------------------
-
-
 def _handle(config: pytest.Config, variant: str) -> Any:
     from .handles import VariantHandle
     from .variants import VariantUnavailable
@@ -597,39 +156,34 @@ def _handle(config: pytest.Config, variant: str) -> Any:
     settings = config.stash.get(SETTINGS_KEY, None)
     if settings is None or not settings.enabled:
         pytest.skip("pytest-llmmerge is off: give --llm-model, or --llm-base with --llm-adapter")
-    chain = _chain(config)
+    chain = get_chain(config)
     if variant not in chain.available():
         pytest.skip(f"variant {variant!r} is not available in this run (it needs --llm-base, and --llm-adapter "
                     "for the adapter-only variant)")
     try:
-        return VariantHandle(variant, chain.resolve(variant), _runner(config))
+        return VariantHandle(variant, chain.resolve(variant), get_runner(config))
     except VariantUnavailable as exc:
         pytest.skip(f"variant {variant!r}: {exc}")
-
 
 @pytest.fixture(scope="session")
 def llm_merged(request: pytest.FixtureRequest) -> Any:
     """The merged candidate (--llm-model, or built from --llm-base + --llm-adapter)."""
     return _handle(request.config, "merged")
 
-
 @pytest.fixture(scope="session")
 def llm_adapter(request: pytest.FixtureRequest) -> Any:
     """Adapter-only: the last adapter applied unmerged (through peft) on the previous stage."""
     return _handle(request.config, "adapter")
-
 
 @pytest.fixture(scope="session")
 def llm_reference(request: pytest.FixtureRequest) -> Any:
     """The reference: the base model (--llm-base)."""
     return _handle(request.config, "reference")
 
-
 @pytest.fixture(scope="session")
 def llm_variant(request: pytest.FixtureRequest) -> Any:
     """Parametrized over every variant available in the run (reference, adapter, merged)."""
     return _handle(request.config, request.param)
-
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "llm_variant" not in metafunc.fixturenames:
@@ -640,7 +194,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         names = [n for n in names if n in _available(settings)]
     metafunc.parametrize("llm_variant", names, indirect=True, scope="session")
 
-
 def _available(settings: Settings) -> list[str]:
     """Variant names without building anything (collection must stay cheap)."""
     names = []
@@ -650,192 +203,3 @@ def _available(settings: Settings) -> list[str]:
             names.append("adapter")
     names.append("merged")
     return names
-
-
-def _chain(config: pytest.Config) -> Chain:
-    """The run's merge chain, made once; with --llm-build-merged the merge is built here."""
-    chain = config.stash.get(CHAIN_KEY, None)
-    if chain is None:
-        from .variants import Chain
-
-        settings = config.stash[SETTINGS_KEY]
-        # Under the pytest cache (kept between runs); with -p no:cacheprovider, a temp dir.
-        cache_provider = getattr(config, "cache", None)
-        cache = cache_provider.mkdir("llmmerge-merges") if cache_provider is not None else \
-            Path(tempfile.mkdtemp(prefix="llmmerge-merges-"))
-        chain = Chain(base=settings.base, adapters=settings.adapters,
-                      candidate=None if settings.build_merged else settings.model,
-                      given_stages=settings.stages, cache_dir=Path(cache), merge_dtype=settings.merge_dtype,
-                      progress=_progress(config))
-        if settings.build_merged and settings.model is not None:
-            from .merge import MergeSpec, build_merged
-
-            spec = MergeSpec(base=chain.stage(chain.n - 1), adapters=(chain.adapters[-1],),
-                             compute_dtype=settings.merge_dtype)
-            chain.candidate = build_merged(spec, settings.model, progress=chain.progress)
-        config.stash[CHAIN_KEY] = chain
-    return chain
-
-
-def _progress(config: pytest.Config) -> Any:
-    """Long steps (weight scans, merges, model loads) shown live on the terminal, quiet under -q.
-
-    Written the way pytest's own live logging writes: the item's line is left open, each
-    message goes on a line of its own after it, and the outcome word follows on the next line,
-    so -v output never repeats the item's name.  Captured output is untouched.
-    """
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or config.get_verbosity() < 0:
-        return None
-    capture = config.pluginmanager.get_plugin("capturemanager")
-
-    def show(message: str) -> None:
-        # Output capture redirects the terminal's file descriptor while an item runs; lift it
-        # for the line, as pytest's live logging does, so progress never lands in a report.
-        suspended = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
-        with suspended:
-            writer = getattr(reporter, "_tw", None)
-            at_line_start = writer is None or getattr(writer, "width_of_current_line", 0) == 0
-            reporter.write(("" if at_line_start else "\n") + f"[llmmerge] {message}\n", flush=True)
-    return show
-
-
-# --- parity -----------------------------------------------------------------------------------
-
-
-def _skip_unavailable(backend: str) -> None:
-    from .backends import unavailable
-
-    reason = unavailable(backend)
-    if reason is not None:
-        pytest.skip(reason)
-
-
-class ParityChecks(pytest.Collector):
-    """`parity::stage<k>[<backend>]` per merge stage and `parity::merged-vs-reference[<backend>]`."""
-
-    def collect(self) -> list[ParityItem]:
-        settings = self.config.stash[SETTINGS_KEY]
-        backends = [b for b in settings.backends if b in SCORING_BACKENDS]
-        items: list[ParityItem] = []
-        for backend in backends:
-            for k in range(1, len(settings.adapters) + 1):
-                items.append(ParityItem.from_parent(self, name=f"stage{k}[{backend}]", kind="stage", stage=k,
-                                                    backend=backend))
-            if settings.base is not None:
-                items.append(ParityItem.from_parent(self, name=f"merged-vs-reference[{backend}]",
-                                                    kind="reference", stage=0, backend=backend))
-        return items
-
-
-class ParityFailed(Exception):
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__(lines)
-        self.lines = lines
-
-
-class ComparisonItem(pytest.Item):
-    """An item that compares two models and fails with a ParityReport's lines."""
-
-    prefix = ""  # the collector's name: parity, agreement
-
-    def failure_head(self) -> str:
-        raise NotImplementedError
-
-    def conclude(self, report: Any) -> None:
-        self.user_properties += list(report.metrics.items())
-        if not report.ok:
-            raise ParityFailed(report.lines())
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        if isinstance(excinfo.value, ParityFailed):
-            return "\n".join([self.failure_head()] + ["  " + line for line in excinfo.value.lines])
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        return self.path, None, f"{self.prefix}::{self.name}"
-
-
-class ParityItem(ComparisonItem):
-    """Merged vs adapter-only at one stage (perplexity, KL, greedy), or merged vs reference."""
-
-    prefix = "parity"
-
-    def __init__(self, *, kind: str, stage: int, backend: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.kind = kind
-        self.stage = stage
-        self.backend = backend
-        if kind == "stage":
-            self.variants = (f"stage{stage}-adapter", f"stage{stage}")
-        else:
-            self.variants = ("reference", "merged")
-        self.worker_keys = tuple((v, backend) for v in self.variants)
-        self.add_marker("llmmerge")
-        self.add_marker("llmmerge_parity")
-
-    def runtest(self) -> None:
-        from . import parity
-
-        _skip_unavailable(self.backend)
-        settings = self.config.stash[SETTINGS_KEY]
-        runner = _runner(self.config)
-        chain = _chain(self.config)
-        workers = [runner.worker(key) for key in self.worker_keys]
-        deadline = settings.load_timeout_s
-        corpora: list[str] = self.config.stash[CORPORA_KEY]
-        if self.kind == "stage":
-            texts = parity.corpus_texts(corpora, settings.corpus)
-            prompts = parity.greedy_prompts()
-            report = parity.compare_stage(workers[0], workers[1], texts, prompts, settings, deadline)
-            if not report.ok:
-                report.add_drift(chain, self.stage)
-        else:
-            texts = parity.corpus_texts((), settings.corpus)
-            report = parity.compare_reference(workers[0], workers[1], texts, settings, deadline)
-        self.conclude(report)
-
-    def failure_head(self) -> str:
-        return f"parity {self.name} failed ({' vs '.join(self.variants)}):"
-
-
-class AgreementChecks(pytest.Collector):
-    """`agreement::hf-vs-vllm[<variant>]`: the two engines agree on the same checkpoint."""
-
-    def collect(self) -> list[AgreementItem]:
-        settings = self.config.stash[SETTINGS_KEY]
-        if not {"hf", "vllm"} <= set(settings.backends):
-            return []
-        return [AgreementItem.from_parent(self, name=f"hf-vs-vllm[{variant}]", variant=variant)
-                for variant in ("merged",)]
-
-
-class AgreementItem(ComparisonItem):
-    """HF vs vLLM on one variant: greedy outputs, termination and perplexity."""
-
-    prefix = "agreement"
-
-    def __init__(self, *, variant: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.variant = variant
-        self.worker_keys = ((variant, "hf"), (variant, "vllm"))
-        self.add_marker("llmmerge")
-        self.add_marker("llmmerge_agreement")
-
-    def runtest(self) -> None:
-        from . import parity
-        from .checkpoint import Checkpoint
-
-        _skip_unavailable("vllm")
-        settings = self.config.stash[SETTINGS_KEY]
-        runner = _runner(self.config)
-        hf, vllm = (runner.worker(key) for key in self.worker_keys)
-        corpora: list[str] = self.config.stash[CORPORA_KEY]
-        report = parity.compare_backends(hf, vllm, parity.corpus_texts(corpora, settings.corpus),
-                                         parity.greedy_prompts(),
-                                         Checkpoint(_chain(self.config).resolve(self.variant).path), settings,
-                                         settings.load_timeout_s)
-        self.conclude(report)
-
-    def failure_head(self) -> str:
-        return f"agreement {self.name} failed (HF transformers vs vLLM on the same checkpoint):"

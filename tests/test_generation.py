@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from breakage import BREAKAGES
 from conftest import MERGED, REPO
 
 HANG_SUITE = """

@@ -7,7 +7,7 @@ so they must pickle and must not import torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]

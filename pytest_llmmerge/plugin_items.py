@@ -1,0 +1,400 @@
+"""The pytest collectors and items pytest-llmmerge adds: checks, suite cases, parity, agreement.
+
+Each item asks the core for a verdict (integrity/weights/audit checks, suite expectations,
+parity reports) and turns it into a pass, a skip with the reason, or a failure that shows what
+a person needs to act on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .plugin_state import (
+    CORPORA_KEY,
+    SCORING_BACKENDS,
+    SETTINGS_KEY,
+    SUITE_ERRORS_KEY,
+    get_chain,
+    get_runner,
+    integrity_context,
+    progress_writer,
+    skip_unavailable,
+)
+
+if TYPE_CHECKING:
+    from .backends.base import Generation
+    from .suite import Case, Suite
+
+class IntegrityFailed(Exception):
+    def __init__(self, findings: list[Any], model: Path) -> None:
+        super().__init__(findings)
+        self.findings = findings
+        self.model = model
+
+class IntegrityChecks(pytest.Collector):
+    """The `integrity::<check>` items (files and headers), `weights::<check>` (tensor data) and,
+    with --llm-audit-merge, `audit::<check>`: one collector per group."""
+
+    def __init__(self, *, group: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group = group
+
+    def collect(self) -> list[pytest.Item]:
+        return [IntegrityItem.from_parent(self, name=check.name, check=check) for check in _checks(self.group)]
+
+def _checks(group: str) -> tuple[Any, ...]:
+    if group == "integrity":
+        from .integrity import CHECKS
+
+        return CHECKS
+    if group == "weights":
+        from .weights import WEIGHT_CHECKS
+
+        return WEIGHT_CHECKS
+    from .audit import AUDIT_CHECKS
+
+    return AUDIT_CHECKS
+
+class IntegrityItem(pytest.Item):
+    """One check of the checkpoint's files, tensors or merge, failing with its findings."""
+
+    def __init__(self, *, check: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check = check
+        self.check_name = check.name
+        self.worker_keys: tuple[tuple[str, str], ...] = ()  # reads files only, needs no model
+        self.add_marker("llmmerge")
+        self.add_marker(f"llmmerge_{check.group}")
+
+    def runtest(self) -> None:
+        from .integrity import IntegrityWarning, run_check
+
+        settings = self.config.stash[SETTINGS_KEY]
+        context = integrity_context(self.config, settings)
+        outcome = run_check(self.check, context)
+        self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
+        self.user_properties.extend(_check_figures(self.check, context))
+        if outcome.skipped is not None:
+            pytest.skip(outcome.skipped)
+        for finding in outcome.warnings:
+            warnings.warn(IntegrityWarning(f"{finding.render()} ({context.model.path / finding.file})"),
+                          stacklevel=1)
+        if outcome.errors:
+            raise IntegrityFailed(outcome.errors, context.model.path)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, IntegrityFailed):
+            lines = [f"{self.check.group} check {self.check_name!r} failed on {excinfo.value.model}:"]
+            for finding in excinfo.value.findings:
+                lines.append(f"  {finding.code} {finding.file}: {finding.message}")
+            return "\n".join(lines)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.check.group}::{self.check_name}"
+
+def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:
+    """Tables a check computed, as user properties (they reach JUnit XML and the report)."""
+    if check.group == "weights" and check.name == "change_vs_base" and "weights.scan" in context.memo:
+        from .weights import change_table
+
+        return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo["weights.scan"])]
+    if check.group == "audit" and "audit.layers" in context.memo:
+        return [(f"merge_audit_error:{tensor}", layer["error"]) for tensor, layer in context.memo["audit.layers"].items()]
+    return []
+
+def _case_items(parent: pytest.Collector, suite: Suite) -> Iterator[CaseItem]:
+    settings = parent.config.stash[SETTINGS_KEY]
+    for case in suite.cases:
+        for variant in case.variants:
+            # A case without `backends` runs on every backend of the run; one with them, on those.
+            for backend in (b for b in settings.backends if not case.backends or b in case.backends):
+                yield CaseItem.from_parent(parent, name=f"{case.id}[{variant}-{backend}]", case=case,
+                                           variant=variant, backend=backend)
+
+class SuiteFile(pytest.File):
+    """A YAML suite; a bad one is reported as a usage error naming the file and JSON path."""
+
+    def collect(self) -> Iterator[CaseItem]:
+        from .suite import SuiteError, load_suite
+
+        try:
+            suite = load_suite(self.path)
+        except SuiteError as exc:
+            self.config.stash[SUITE_ERRORS_KEY].append(str(exc))
+            return iter(())
+        self.config.stash[CORPORA_KEY].extend(suite.corpus)
+        return _case_items(self, suite)
+
+class DefaultSuite(pytest.Collector):
+    """The built-in suite, run when --llm-model is given and no suite is."""
+
+    def __init__(self, *, suite: Suite, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.suite = suite
+
+    def collect(self) -> list[CaseItem]:
+        return list(_case_items(self, self.suite))
+
+class CaseFailed(Exception):
+    def __init__(self, reasons: list[str], generation: Generation | None = None, partial: str | None = None,
+                 log_tail: str = "") -> None:
+        super().__init__(reasons)
+        self.reasons = reasons
+        self.generation = generation
+        self.partial = partial
+        self.log_tail = log_tail
+        self.bisect: list[str] = []  # with --llm-bisect: the first failing stage of the chain
+
+def _cut(text: str, limit: int) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f" ... ({len(text)} characters)"
+
+class CaseItem(pytest.Item):
+    """One suite case on one model variant and backend: generate, then check the output."""
+
+    def __init__(self, *, case: Case, variant: str, backend: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.case = case
+        self.variant = variant
+        self.backend = backend
+        self.worker_key = (variant, backend)
+        self.worker_keys = (self.worker_key,)
+        self.user_properties += [("variant", variant), ("backend", backend)]
+        self.add_marker("llmmerge")
+        self.add_marker("llmmerge_suite")
+        for tag in case.tags:
+            self.add_marker(pytest.mark.llmmerge_tag(tag))
+
+    def request(self) -> Any:
+        from .backends.base import GenRequest
+
+        return GenRequest(prompt=self.case.prompt, messages=self.case.messages, max_new_tokens=self.case.max_new_tokens)
+
+    def runtest(self) -> None:
+        from .expectations import evaluate
+        from .runner import Pending
+        from .worker import DeadlineExceeded, WorkerError
+
+        skip_unavailable(self.backend)
+        if self.variant not in get_chain(self.config).available():
+            pytest.skip(f"variant {self.variant!r} is not available in this run: the adapter-only and "
+                        "reference variants need --llm-base (and --llm-adapter)")
+        runner = get_runner(self.config)
+        upcoming = [Pending(i.nodeid, i.request(), i.case.timeout_s) for i in self._upcoming()]
+        try:
+            generation = runner.generate(self.worker_key, Pending(self.nodeid, self.request(), self.case.timeout_s),
+                                         upcoming)
+        except DeadlineExceeded as exc:
+            failure = CaseFailed([str(exc)], partial=exc.partial[0] if exc.partial else "")
+        except WorkerError as exc:
+            failure = CaseFailed([str(exc)], log_tail=exc.log_tail)
+        else:
+            self.user_properties += [("finish_reason", generation.finish_reason),
+                                     ("new_tokens", len(generation.token_ids)),
+                                     ("seconds", round(generation.seconds, 4))]
+            reasons = evaluate(self.case, generation)
+            if not reasons:
+                return
+            failure = CaseFailed(reasons, generation)
+        settings = self.config.stash[SETTINGS_KEY]
+        if settings.bisect and self.variant == "merged" and get_chain(self.config).n:
+            failure.bisect = self._bisect(failure.reasons[0])
+        raise failure from None
+
+    def _bisect(self, reason: str) -> list[str]:
+        """Probe the chain's stages with this case to name the adapter that broke it."""
+        from .bisection import Probe, bisect_stages
+        from .expectations import evaluate
+        from .runner import Pending
+        from .worker import WorkerError
+
+        runner, chain = get_runner(self.config), get_chain(self.config)
+        say = progress_writer(self.config) or (lambda message: None)
+        items = self.session.items
+        later = items[items.index(self) + 1:] if self in items else []
+        keep = {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
+
+        def probe(k: int) -> Probe:
+            key = ("reference" if k == 0 else f"stage{k}", self.backend)
+            try:
+                generation = runner.generate(key, Pending(f"{self.nodeid}@stage{k}", self.request(),
+                                                          self.case.timeout_s))
+            except WorkerError as exc:  # a missed deadline is a failure of the stage, not of the bisection
+                result = Probe(k, True, str(exc).splitlines()[0])
+            else:
+                reasons = evaluate(self.case, generation)
+                result = Probe(k, bool(reasons), reasons[0] if reasons else
+                               f"finish_reason={generation.finish_reason}, {len(generation.token_ids)} tokens")
+            finally:
+                runner.keep_only(keep)  # one stage's model at a time
+            say(f"bisect {self.name}: stage {k} {'fails' if result.failed else 'passes'}")
+            return result
+
+        try:
+            found = bisect_stages(chain.n, probe, last=Probe(chain.n, True, reason))
+        except Exception as exc:  # a build or load that fails must not hide the case's own failure
+            return [f"bisect could not finish: {type(exc).__name__}: {exc}"]
+        self.user_properties += [("bisect_first_failing_stage", found.first_bad),
+                                 ("bisect_adapter", str(chain.adapters[found.first_bad - 1]) if found.first_bad
+                                  else None)]
+        return found.lines(chain.adapters, chain.built_now)
+
+    def _upcoming(self) -> list[CaseItem]:
+        items = self.session.items
+        index = items.index(self)
+        return [i for i in items[index + 1:] if isinstance(i, CaseItem) and i.worker_key == self.worker_key]
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        error = excinfo.value
+        if not isinstance(error, CaseFailed):
+            return super().repr_failure(excinfo, style=style)
+        case = self.case
+        prompt = case.prompt if case.prompt is not None else " | ".join(f"{r}: {c}" for r, c in case.messages or ())
+        lines = [f"case {case.id!r} on {self.variant}-{self.backend} failed:"]
+        lines += [f"  - {reason}" for reason in error.reasons]
+        lines.append(f"  prompt: {_cut(prompt, 300)}")
+        if error.generation is not None:
+            g = error.generation
+            lines.append(f"  output ({len(g.token_ids)} tokens, finish_reason={g.finish_reason}, "
+                         f"stop token={g.stop_token_id}, budget={case.max_new_tokens}): {_cut(g.text, 500)}")
+        if error.partial is not None:
+            lines.append(f"  produced so far: {_cut(error.partial, 500)}")
+        if error.log_tail:
+            lines.append("  worker log (last lines):\n" + "\n".join("    " + line for line in error.log_tail.splitlines()))
+        if case.note:
+            lines.append(f"  why this case exists: {case.note}")
+        lines += ["  " + line for line in error.bisect]
+        return "\n".join(lines)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        line = self.case.line - 1 if self.case.line is not None else None  # pytest counts from 0
+        return self.path, line, f"{self.case.id}[{self.variant}-{self.backend}]"
+
+class ParityChecks(pytest.Collector):
+    """`parity::stage<k>[<backend>]` per merge stage and `parity::merged-vs-reference[<backend>]`."""
+
+    def collect(self) -> list[ParityItem]:
+        settings = self.config.stash[SETTINGS_KEY]
+        backends = [b for b in settings.backends if b in SCORING_BACKENDS]
+        items: list[ParityItem] = []
+        for backend in backends:
+            for k in range(1, len(settings.adapters) + 1):
+                items.append(ParityItem.from_parent(self, name=f"stage{k}[{backend}]", kind="stage", stage=k,
+                                                    backend=backend))
+            if settings.base is not None:
+                items.append(ParityItem.from_parent(self, name=f"merged-vs-reference[{backend}]",
+                                                    kind="reference", stage=0, backend=backend))
+        return items
+
+class ParityFailed(Exception):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(lines)
+        self.lines = lines
+
+class ComparisonItem(pytest.Item):
+    """An item that compares two models and fails with a ParityReport's lines."""
+
+    prefix = ""  # the collector's name: parity, agreement
+
+    def failure_head(self) -> str:
+        raise NotImplementedError
+
+    def conclude(self, report: Any) -> None:
+        self.user_properties += list(report.metrics.items())
+        if not report.ok:
+            raise ParityFailed(report.lines())
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, ParityFailed):
+            return "\n".join([self.failure_head()] + ["  " + line for line in excinfo.value.lines])
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.prefix}::{self.name}"
+
+class ParityItem(ComparisonItem):
+    """Merged vs adapter-only at one stage (perplexity, KL, greedy), or merged vs reference."""
+
+    prefix = "parity"
+
+    def __init__(self, *, kind: str, stage: int, backend: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kind = kind
+        self.stage = stage
+        self.backend = backend
+        if kind == "stage":
+            self.variants = (f"stage{stage}-adapter", f"stage{stage}")
+        else:
+            self.variants = ("reference", "merged")
+        self.worker_keys = tuple((v, backend) for v in self.variants)
+        self.add_marker("llmmerge")
+        self.add_marker("llmmerge_parity")
+
+    def runtest(self) -> None:
+        from . import parity
+
+        skip_unavailable(self.backend)
+        settings = self.config.stash[SETTINGS_KEY]
+        runner = get_runner(self.config)
+        chain = get_chain(self.config)
+        workers = [runner.worker(key) for key in self.worker_keys]
+        deadline = settings.load_timeout_s
+        corpora: list[str] = self.config.stash[CORPORA_KEY]
+        if self.kind == "stage":
+            texts = parity.corpus_texts(corpora, settings.corpus)
+            prompts = parity.greedy_prompts()
+            report = parity.compare_stage(workers[0], workers[1], texts, prompts, settings, deadline)
+            if not report.ok:
+                report.add_drift(chain, self.stage)
+        else:
+            texts = parity.corpus_texts((), settings.corpus)
+            report = parity.compare_reference(workers[0], workers[1], texts, settings, deadline)
+        self.conclude(report)
+
+    def failure_head(self) -> str:
+        return f"parity {self.name} failed ({' vs '.join(self.variants)}):"
+
+class AgreementChecks(pytest.Collector):
+    """`agreement::hf-vs-vllm[<variant>]`: the two engines agree on the same checkpoint."""
+
+    def collect(self) -> list[AgreementItem]:
+        settings = self.config.stash[SETTINGS_KEY]
+        if not {"hf", "vllm"} <= set(settings.backends):
+            return []
+        return [AgreementItem.from_parent(self, name=f"hf-vs-vllm[{variant}]", variant=variant)
+                for variant in ("merged",)]
+
+class AgreementItem(ComparisonItem):
+    """HF vs vLLM on one variant: greedy outputs, termination and perplexity."""
+
+    prefix = "agreement"
+
+    def __init__(self, *, variant: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.variant = variant
+        self.worker_keys = ((variant, "hf"), (variant, "vllm"))
+        self.add_marker("llmmerge")
+        self.add_marker("llmmerge_agreement")
+
+    def runtest(self) -> None:
+        from . import parity
+        from .checkpoint import Checkpoint
+
+        skip_unavailable("vllm")
+        settings = self.config.stash[SETTINGS_KEY]
+        runner = get_runner(self.config)
+        hf, vllm = (runner.worker(key) for key in self.worker_keys)
+        corpora: list[str] = self.config.stash[CORPORA_KEY]
+        report = parity.compare_backends(hf, vllm, parity.corpus_texts(corpora, settings.corpus),
+                                         parity.greedy_prompts(),
+                                         Checkpoint(get_chain(self.config).resolve(self.variant).path), settings,
+                                         settings.load_timeout_s)
+        self.conclude(report)
+
+    def failure_head(self) -> str:
+        return f"agreement {self.name} failed (HF transformers vs vLLM on the same checkpoint):"

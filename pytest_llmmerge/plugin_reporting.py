@@ -1,0 +1,104 @@
+"""The report hooks: one record per item, model loads from every xdist process, files at the end."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from .plugin_state import RUNNER_KEY
+from .settings import Settings
+
+_KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement")
+
+class Reporting:
+    """Gathers one record per item and the workers' model loads; writes the reports at the end.
+
+    Registered as a plugin object in pytest_configure, so its hooks see the run's config.
+    """
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.records: dict[str, Any] = {}
+        self.remote_workers: dict[str, dict[str, Any]] = {}  # model loads of xdist processes
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """The call phase of each item, or the phase that skipped or failed it."""
+        if (report.when != "call" and report.outcome == "passed") or \
+                (report.when == "teardown" and report.outcome != "failed"):
+            return
+        from .report import record
+
+        kind = next((k for k in _KINDS if f"llmmerge_{k}" in report.keywords), "test")
+        given = {k: v for k, v in report.user_properties if k in ("variant", "backend")}
+        message = None
+        if report.skipped and isinstance(report.longrepr, tuple):
+            message = str(report.longrepr[2]).removeprefix("Skipped: ")
+        elif report.failed:
+            message = report.longreprtext[:4000]
+        self.records[report.nodeid] = record(  # a failing teardown replaces the call's record
+            report.nodeid, kind, report.outcome, report.duration,
+            [(k, v) for k, v in report.user_properties if k not in given],
+            variant=str(given["variant"]) if "variant" in given else None,
+            backend=str(given["backend"]) if "backend" in given else None, message=message)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """pytest-xdist: add up the model loads each xdist process's workers reported."""
+        _add_stats(self.remote_workers, getattr(node, "workeroutput", {}).get("llmmerge_workers", {}))
+
+    def worker_stats(self) -> dict[str, dict[str, Any]]:
+        from dataclasses import asdict
+
+        combined = {label: dict(numbers) for label, numbers in self.remote_workers.items()}
+        runner = self.config.stash.get(RUNNER_KEY, None)
+        if runner is not None:
+            _add_stats(combined, {label: asdict(stats) for label, stats in runner.stats().items()})
+        return combined
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Write --llm-report / --llm-report-md once: on the xdist controller, or the only process."""
+        if hasattr(self.config, "workerinput"):  # an xdist process: hand the controller our model loads
+            self.config.workeroutput["llmmerge_workers"] = self.worker_stats()  # type: ignore[attr-defined]
+            return
+        settings = self.settings
+        if settings.report is None and settings.report_md is None:
+            return
+        import dataclasses
+        from datetime import datetime, timezone
+
+        from . import report
+
+        built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
+                             workers=self.worker_stats(), exit_status=int(exitstatus),
+                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        if settings.report is not None:
+            report.write_json(built, settings.report)
+        if settings.report_md is not None:
+            text = report.markdown(built)
+            settings.report_md.parent.mkdir(parents=True, exist_ok=True)
+            settings.report_md.write_text(text, encoding="utf-8")
+            summary = os.environ.get("GITHUB_STEP_SUMMARY")
+            if summary:
+                with open(summary, "a", encoding="utf-8") as fh:
+                    fh.write(text)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """Termination and parity figures per variant and backend, and the model loads per worker."""
+        from .report import terminal_lines
+
+        lines = terminal_lines(list(self.records.values()), self.worker_stats())
+        lines += [f"{what} written to {path}" for what, path in (("report", self.settings.report),
+                                                                ("Markdown report", self.settings.report_md)) if path]
+        if lines:
+            terminalreporter.section("llmmerge summary")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+def _add_stats(total: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> None:
+    for label, numbers in more.items():
+        mine = total.setdefault(label, {})
+        for key, value in numbers.items():
+            mine[key] = mine.get(key, 0) + value

@@ -1,0 +1,144 @@
+"""The run's shared state for the pytest wiring: settings, merge chain, model workers, progress.
+
+Kept on ``config.stash`` and made on first use, so collection stays cheap and nothing heavy is
+imported before an item needs it.  Like plugin.py this module is pytest wiring; the core
+modules never import pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .runner import Runner
+    from .variants import Chain
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+
+RUNNER_KEY = pytest.StashKey["Runner"]()
+
+SUITE_ERRORS_KEY = pytest.StashKey[list[str]]()
+
+CHAIN_KEY = pytest.StashKey["Chain"]()
+
+CORPORA_KEY = pytest.StashKey[list[str]]()
+# Backends that can score text, so parity items run on them.
+
+SCORING_BACKENDS = ("hf", "vllm")
+
+CONTEXT_KEY = pytest.StashKey[Any]()
+
+def integrity_context(config: pytest.Config, settings: Settings) -> Any:
+    """One Context per session, so every check shares the parsed files and headers."""
+    context = config.stash.get(CONTEXT_KEY, None)
+    if context is None:
+        from .checkpoint import Checkpoint
+        from .integrity import Context
+
+        from .variants import MERGED
+
+        context = Context(
+            model=Checkpoint(get_chain(config).resolve(MERGED).path),
+            base=Checkpoint(settings.base) if settings.base else None,
+            allow_pickle=settings.allow_pickle,
+            trust_remote_code=settings.trust_remote_code,
+            adapters=settings.adapters,
+            max_weight_change=settings.max_weight_change,
+            audit_max_error=settings.audit_max_error,
+            progress=progress_writer(config),
+        )
+        config.stash[CONTEXT_KEY] = context
+    return context
+
+def get_runner(config: pytest.Config) -> Runner:
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is None:
+        from .backends import resolve_spec
+        from .runner import Runner
+        from .settings import vllm_kwargs
+
+        settings = config.stash[SETTINGS_KEY]
+        # Under pytest-xdist every process has its own workers: share the cores between them.
+        processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+        threads = max(1, (os.cpu_count() or 1) // processes) if processes > 1 else None
+
+        chain = get_chain(config)
+
+        def worker_kwargs(variant: str, backend: str) -> tuple[str, dict[str, Any]]:
+            spec = chain.resolve(variant)
+            kwargs: dict[str, Any] = {"model_path": str(spec.path), "adapters": [str(a) for a in spec.adapters],
+                                      "dtype": settings.dtype, "device": settings.device, "threads": threads,
+                                      "trust_remote_code": settings.trust_remote_code}
+            if backend == "vllm":
+                kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
+                if settings.kv_cache_gib is not None:
+                    kwargs["kv_cache_bytes"] = int(settings.kv_cache_gib * 2**30)
+                kwargs["extra"] = vllm_kwargs(settings)
+            return resolve_spec(backend), kwargs
+
+        runner = Runner(worker_kwargs=worker_kwargs, log_dir=Path(tempfile.mkdtemp(prefix="llmmerge-workers-")),
+                        batch_size=settings.batch_size, load_timeout_s=settings.load_timeout_s,
+                        on_status=progress_writer(config))
+        config.stash[RUNNER_KEY] = runner
+    return runner
+
+def get_chain(config: pytest.Config) -> Chain:
+    """The run's merge chain, made once; with --llm-build-merged the merge is built here."""
+    chain = config.stash.get(CHAIN_KEY, None)
+    if chain is None:
+        from .variants import Chain
+
+        settings = config.stash[SETTINGS_KEY]
+        # Under the pytest cache (kept between runs); with -p no:cacheprovider, a temp dir.
+        cache_provider = getattr(config, "cache", None)
+        cache = cache_provider.mkdir("llmmerge-merges") if cache_provider is not None else \
+            Path(tempfile.mkdtemp(prefix="llmmerge-merges-"))
+        chain = Chain(base=settings.base, adapters=settings.adapters,
+                      candidate=None if settings.build_merged else settings.model,
+                      given_stages=settings.stages, cache_dir=Path(cache), merge_dtype=settings.merge_dtype,
+                      progress=progress_writer(config))
+        if settings.build_merged and settings.model is not None:
+            from .merge import MergeSpec, build_merged
+
+            spec = MergeSpec(base=chain.stage(chain.n - 1), adapters=(chain.adapters[-1],),
+                             compute_dtype=settings.merge_dtype)
+            chain.candidate = build_merged(spec, settings.model, progress=chain.progress)
+        config.stash[CHAIN_KEY] = chain
+    return chain
+
+def progress_writer(config: pytest.Config) -> Any:
+    """Long steps (weight scans, merges, model loads) shown live on the terminal, quiet under -q.
+
+    Written the way pytest's own live logging writes: the item's line is left open, each
+    message goes on a line of its own after it, and the outcome word follows on the next line,
+    so -v output never repeats the item's name.  Captured output is untouched.
+    """
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or config.get_verbosity() < 0:
+        return None
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def show(message: str) -> None:
+        # Output capture redirects the terminal's file descriptor while an item runs; lift it
+        # for the line, as pytest's live logging does, so progress never lands in a report.
+        suspended = capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext()
+        with suspended:
+            writer = getattr(reporter, "_tw", None)
+            at_line_start = writer is None or getattr(writer, "width_of_current_line", 0) == 0
+            reporter.write(("" if at_line_start else "\n") + f"[llmmerge] {message}\n", flush=True)
+    return show
+
+def skip_unavailable(backend: str) -> None:
+    from .backends import unavailable
+
+    reason = unavailable(backend)
+    if reason is not None:
+        pytest.skip(reason)
