@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -264,16 +266,24 @@ def index_points_to_wrong_shard(ckpt: Path) -> None:
 
 def pickle_only(ckpt: Path) -> None:
     """Weights shipped as a pickle: safetensors replaced by pytorch_model.bin."""
-    import torch
-
-    state = {}
-    for shard in shards(ckpt):
-        state.update({k: torch.from_numpy(v) for k, v in load_file(str(shard)).items()})
+    # torch.save runs in a child process: importing torch inside a test that uses pytester
+    # leaves torch's C extension loaded while pytester drops its Python modules afterwards,
+    # and the next `import torch` in this process then crashes (bad call flags, segfault).
+    code = ("import sys, torch\n"
+            "from pathlib import Path\n"
+            "from safetensors.torch import load_file\n"
+            "ckpt = Path(sys.argv[1])\n"
+            "state = {}\n"
+            "for shard in sys.argv[2:]:\n"
+            "    state.update(load_file(shard))\n"
+            "torch.save(state, ckpt / 'pytorch_model.bin')\n")
+    files = shards(ckpt)
+    subprocess.run([sys.executable, "-c", code, str(ckpt), *map(str, files)], check=True)
+    for shard in files:
         shard.unlink()
     index = _index(ckpt)
     if index is not None:
         index.unlink()
-    torch.save(state, ckpt / "pytorch_model.bin")
 
 
 def auto_map_added(ckpt: Path) -> None:

@@ -63,9 +63,9 @@ def test_bfloat16_storage_is_named_as_the_cause(merges: dict[str, Path]) -> None
     assert finding.code == "MRG001"
     assert "storage dtype itself cannot hold these updates: save the merged model in float32" in finding.message
     result = audit(Checkpoint(merges["bf16-storage"]), Checkpoint(BASE), ADAPTERS)
-    # Merged in float32, then rounded once: exactly the bfloat16 floor.
-    assert all(layer.dtype == "BF16" and layer.error == pytest.approx(layer.floor, rel=1e-6)
-               for layer in result.layers)
+    # Merged in float32 and rounded to bfloat16 after each of the two adapters (as saving each
+    # stage does): between one and about sqrt(2) bfloat16 floors.
+    assert all(layer.dtype == "BF16" and layer.floor <= layer.error <= 1.5 * layer.floor for layer in result.layers)
 
 
 def test_base_saved_as_the_merge_lost_everything() -> None:
