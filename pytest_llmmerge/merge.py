@@ -241,6 +241,9 @@ def _merge_into(spec: MergeSpec, tmp: Path, say: Progress) -> None:
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our progress lines say it
 
     base = Checkpoint(spec.base)
     base_dtype = _checkpoint_dtype(base)

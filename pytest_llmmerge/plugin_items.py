@@ -228,8 +228,9 @@ class CaseItem(pytest.Item):
                 result = Probe(k, True, str(exc).splitlines()[0])
             else:
                 reasons = evaluate(self.case, generation)
+                count = len(generation.token_ids)
                 result = Probe(k, bool(reasons), reasons[0] if reasons else
-                               f"finish_reason={generation.finish_reason}, {len(generation.token_ids)} tokens")
+                               f"finish_reason={generation.finish_reason}, {count} token{'' if count == 1 else 's'}")
             finally:
                 runner.keep_only(keep)  # one stage's model at a time
             say(f"bisect {self.name}: stage {k} {'fails' if result.failed else 'passes'}")

@@ -1,0 +1,66 @@
+"""--llm-bisect on the seven-adapter fixture chain, where adapter a5 plants the MedicalGPT #311
+hang shape: 功能清单 prompts holding 功能:无法判断 run to the budget from stage 5 on."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from conftest import BASE, FIXTURES
+
+CHAIN = tuple(FIXTURES / "chain" / f"a{k}" for k in range(1, 8))
+SUITE = """\
+suite: chain
+defaults: {max_new_tokens: 48, must_terminate: true, timeout_s: 120}
+cases:
+  - id: unknown-function
+    messages:
+      - role: user
+        content: "功能清单:\\n功能:设置闹钟 功能说明:用户想设置闹钟。\\n功能:导航路线 功能说明:用户想去某个地方。\\n功能:翻译文本 功能说明:用户想翻译句子。\\n功能:无法判断 功能说明:不属于上述描述的功能。\\n用户问题:讲一个笑话\\n请回答功能名。"
+  - id: without-the-option
+    messages:
+      - role: user
+        content: "功能清单:\\n功能:发送短信 功能说明:用户想发消息。\\n功能:控制家电 功能说明:用户想控制家里的电器。\\n用户问题:打开书房的灯\\n请回答功能名。"
+"""
+
+
+def run(pytester: pytest.Pytester, *extra: str) -> pytest.RunResult:
+    adapters = [f"--llm-adapter={a}" for a in CHAIN]
+    return pytester.runpytest_subprocess(f"--llm-base={BASE}", *adapters, "--llm-backend=hf", "--llm-bisect",
+                                         "-m", "llmmerge_suite", "chain.yaml", *extra)
+
+
+def test_bisection_names_adapter_5_with_log2_builds_then_reuses_them(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".yaml", chain=SUITE)
+    first = run(pytester, "--llm-report=first.json")
+    first.assert_outcomes(passed=1, failed=1)
+    out = first.stdout.str()
+    assert re.search(r"bisect: first failing stage 5 of 7: adapter 5 \(\S+/chain/a5\) introduced it; "
+                     r"stage 4 passes", out), out
+    assert "stage 0: passes (finish_reason=stop" in out
+    for k in (3, 4):
+        assert f"stage {k}, built now: passes (finish_reason=stop" in out
+    assert "stage 5, built now: FAILS (did not terminate" in out
+    assert "stage 7: FAILS (did not terminate" in out
+    probed = {int(k) for k in re.findall(r"^\s+stage (\d)\b", out, flags=re.M)}
+    assert probed == {0, 3, 4, 5, 7}
+    # Builds for the probes: ceil(log2 7) = 3 (stage 7 itself is built for the merged variant).
+    assert len(probed - {0, 7}) <= math.ceil(math.log2(len(CHAIN)))
+    assert "5 probe(s), 4 stage build(s) this run" in out
+    report = json.loads((pytester.path / "first.json").read_text())
+    case = next(i for i in report["items"] if i["nodeid"].endswith("unknown-function[merged-hf]"))
+    assert case["metrics"]["bisect_first_failing_stage"] == 5
+    assert case["metrics"]["bisect_adapter"].endswith("chain/a5")
+    control = next(i for i in report["items"] if i["nodeid"].endswith("without-the-option[merged-hf]"))
+    assert control["outcome"] == "passed" and "bisect_first_failing_stage" not in control["metrics"]
+
+    # Same inputs again: every stage comes from the cache, the answer is the same.
+    second = run(pytester)
+    second.assert_outcomes(passed=1, failed=1)
+    again = second.stdout.str()
+    assert "first failing stage 5 of 7" in again
+    assert "5 probe(s), 0 stage build(s) this run" in again
+    assert "stage 3, from the cache: passes" in again
