@@ -20,6 +20,7 @@ from .plugin_reporting import Reporting
 from .plugin_state import CORPORA_KEY, RUNNER_KEY, SETTINGS_KEY, SUITE_ERRORS_KEY, get_chain, get_runner
 from .settings import OPTIONS, Settings, SettingsError, describe, resolve_settings
 
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     """One "llmmerge" group; every flag has an ini twin and an environment variable."""
     group = parser.getgroup("llmmerge", "LLM merge gating (pytest-llmmerge)")
@@ -37,6 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(spec.flag, action="store", dest=dest, default=None, metavar=spec.metavar,
                             help=help_text)
             parser.addini(spec.ini, spec.help, type="string", default="")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Resolve settings once (CLI > env > ini); a bad value is a usage error naming its source."""
@@ -65,10 +67,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SUITE_ERRORS_KEY] = []
     config.stash[CORPORA_KEY] = []
 
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(RUNNER_KEY, None)
     if runner is not None:
         runner.close()
+
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """YAML suites: named on the command line, inside a directory named there, or matching a glob."""
@@ -78,6 +82,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     if _is_suite(parent.config, file_path, settings):
         return SuiteFile.from_parent(parent, path=file_path)
     return None
+
 
 def _is_suite(config: pytest.Config, file_path: Path, settings: Settings) -> bool:
     if any(fnmatch.fnmatch(file_path.name, pattern) for pattern in settings.suite_globs):
@@ -92,6 +97,7 @@ def _is_suite(config: pytest.Config, file_path: Path, settings: Settings) -> boo
             return looks_like_suite(file_path)
     return False
 
+
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     """Model paths, backends, device, dtype and the versions that decide the results."""
     settings = config.stash.get(SETTINGS_KEY, None)
@@ -102,7 +108,10 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     found = versions()
     return [*describe(settings), "llmmerge versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
 
+
 @pytest.hookimpl(tryfirst=True)
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     """Add the checkpoint's items, then order case items so each worker loads its model once.
@@ -130,6 +139,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.sort(key=lambda i: (1, order[i.worker_key]) if isinstance(i, CaseItem) else
                (2, 0) if isinstance(i, ComparisonItem) else (0, 0))
 
+
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Close workers no later item needs, so a chain's many variants never sit in memory together."""
     runner = item.config.stash.get(RUNNER_KEY, None)
@@ -141,6 +151,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return  # a user's test may ask any variant for its model: keep every worker
     runner.keep_only(key for i in later for key in i.worker_keys)  # type: ignore[attr-defined]
 
+
 def _generated(collector: pytest.Collector) -> list[pytest.Item]:
     """Collect a generated collector and report it, so pytest counts its items as collected."""
     items = [i for i in collector.collect() if isinstance(i, pytest.Item)]
@@ -148,6 +159,7 @@ def _generated(collector: pytest.Collector) -> list[pytest.Item]:
     report = pytest.CollectReport(collector.nodeid, "passed", None, result)
     collector.config.hook.pytest_collectreport(report=report)
     return items
+
 
 def _handle(config: pytest.Config, variant: str) -> Any:
     from .handles import VariantHandle
@@ -165,25 +177,38 @@ def _handle(config: pytest.Config, variant: str) -> Any:
     except VariantUnavailable as exc:
         pytest.skip(f"variant {variant!r}: {exc}")
 
+
 @pytest.fixture(scope="session")
+
+
 def llm_merged(request: pytest.FixtureRequest) -> Any:
     """The merged candidate (--llm-model, or built from --llm-base + --llm-adapter)."""
     return _handle(request.config, "merged")
 
+
 @pytest.fixture(scope="session")
+
+
 def llm_adapter(request: pytest.FixtureRequest) -> Any:
     """Adapter-only: the last adapter applied unmerged (through peft) on the previous stage."""
     return _handle(request.config, "adapter")
 
+
 @pytest.fixture(scope="session")
+
+
 def llm_reference(request: pytest.FixtureRequest) -> Any:
     """The reference: the base model (--llm-base)."""
     return _handle(request.config, "reference")
 
+
 @pytest.fixture(scope="session")
+
+
 def llm_variant(request: pytest.FixtureRequest) -> Any:
     """Parametrized over every variant available in the run (reference, adapter, merged)."""
     return _handle(request.config, request.param)
+
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "llm_variant" not in metafunc.fixturenames:
@@ -193,6 +218,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if settings is not None and settings.enabled:
         names = [n for n in names if n in _available(settings)]
     metafunc.parametrize("llm_variant", names, indirect=True, scope="session")
+
 
 def _available(settings: Settings) -> list[str]:
     """Variant names without building anything (collection must stay cheap)."""

@@ -30,11 +30,13 @@ if TYPE_CHECKING:
     from .backends.base import Generation
     from .suite import Case, Suite
 
+
 class IntegrityFailed(Exception):
     def __init__(self, findings: list[Any], model: Path) -> None:
         super().__init__(findings)
         self.findings = findings
         self.model = model
+
 
 class IntegrityChecks(pytest.Collector):
     """The `integrity::<check>` items (files and headers), `weights::<check>` (tensor data) and,
@@ -46,6 +48,7 @@ class IntegrityChecks(pytest.Collector):
 
     def collect(self) -> list[pytest.Item]:
         return [IntegrityItem.from_parent(self, name=check.name, check=check) for check in _checks(self.group)]
+
 
 def _checks(group: str) -> tuple[Any, ...]:
     if group == "integrity":
@@ -59,6 +62,7 @@ def _checks(group: str) -> tuple[Any, ...]:
     from .audit import AUDIT_CHECKS
 
     return AUDIT_CHECKS
+
 
 class IntegrityItem(pytest.Item):
     """One check of the checkpoint's files, tensors or merge, failing with its findings."""
@@ -98,6 +102,7 @@ class IntegrityItem(pytest.Item):
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"{self.check.group}::{self.check_name}"
 
+
 def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:
     """Tables a check computed, as user properties (they reach JUnit XML and the report)."""
     if check.group == "weights" and check.name == "change_vs_base" and "weights.scan" in context.memo:
@@ -108,6 +113,7 @@ def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:
         return [(f"merge_audit_error:{tensor}", layer["error"]) for tensor, layer in context.memo["audit.layers"].items()]
     return []
 
+
 def _case_items(parent: pytest.Collector, suite: Suite) -> Iterator[CaseItem]:
     settings = parent.config.stash[SETTINGS_KEY]
     for case in suite.cases:
@@ -116,6 +122,7 @@ def _case_items(parent: pytest.Collector, suite: Suite) -> Iterator[CaseItem]:
             for backend in (b for b in settings.backends if not case.backends or b in case.backends):
                 yield CaseItem.from_parent(parent, name=f"{case.id}[{variant}-{backend}]", case=case,
                                            variant=variant, backend=backend)
+
 
 class SuiteFile(pytest.File):
     """A YAML suite; a bad one is reported as a usage error naming the file and JSON path."""
@@ -131,6 +138,7 @@ class SuiteFile(pytest.File):
         self.config.stash[CORPORA_KEY].extend(suite.corpus)
         return _case_items(self, suite)
 
+
 class DefaultSuite(pytest.Collector):
     """The built-in suite, run when --llm-model is given and no suite is."""
 
@@ -140,6 +148,7 @@ class DefaultSuite(pytest.Collector):
 
     def collect(self) -> list[CaseItem]:
         return list(_case_items(self, self.suite))
+
 
 class CaseFailed(Exception):
     def __init__(self, reasons: list[str], generation: Generation | None = None, partial: str | None = None,
@@ -151,8 +160,10 @@ class CaseFailed(Exception):
         self.log_tail = log_tail
         self.bisect: list[str] = []  # with --llm-bisect: the first failing stage of the chain
 
+
 def _cut(text: str, limit: int) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f" ... ({len(text)} characters)"
+
 
 class CaseItem(pytest.Item):
     """One suite case on one model variant and backend: generate, then check the output."""
@@ -276,6 +287,7 @@ class CaseItem(pytest.Item):
         line = self.case.line - 1 if self.case.line is not None else None  # pytest counts from 0
         return self.path, line, f"{self.case.id}[{self.variant}-{self.backend}]"
 
+
 class ParityChecks(pytest.Collector):
     """`parity::stage<k>[<backend>]` per merge stage and `parity::merged-vs-reference[<backend>]`."""
 
@@ -292,10 +304,12 @@ class ParityChecks(pytest.Collector):
                                                     kind="reference", stage=0, backend=backend))
         return items
 
+
 class ParityFailed(Exception):
     def __init__(self, lines: list[str]) -> None:
         super().__init__(lines)
         self.lines = lines
+
 
 class ComparisonItem(pytest.Item):
     """An item that compares two models and fails with a ParityReport's lines."""
@@ -317,6 +331,7 @@ class ComparisonItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"{self.prefix}::{self.name}"
+
 
 class ParityItem(ComparisonItem):
     """Merged vs adapter-only at one stage (perplexity, KL, greedy), or merged vs reference."""
@@ -360,6 +375,7 @@ class ParityItem(ComparisonItem):
     def failure_head(self) -> str:
         return f"parity {self.name} failed ({' vs '.join(self.variants)}):"
 
+
 class AgreementChecks(pytest.Collector):
     """`agreement::hf-vs-vllm[<variant>]`: the two engines agree on the same checkpoint."""
 
@@ -369,6 +385,7 @@ class AgreementChecks(pytest.Collector):
             return []
         return [AgreementItem.from_parent(self, name=f"hf-vs-vllm[{variant}]", variant=variant)
                 for variant in ("merged",)]
+
 
 class AgreementItem(ComparisonItem):
     """HF vs vLLM on one variant: greedy outputs, termination and perplexity."""

@@ -10,7 +10,9 @@ import pytest
 from .plugin_state import RUNNER_KEY
 from .settings import Settings
 
+
 _KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement")
+
 
 class Reporting:
     """Gathers one record per item and the workers' model loads; writes the reports at the end.
@@ -96,6 +98,7 @@ class Reporting:
             terminalreporter.section("llmmerge summary")
             for line in lines:
                 terminalreporter.write_line(line)
+
 
 def _add_stats(total: dict[str, dict[str, Any]], more: dict[str, dict[str, Any]]) -> None:
     for label, numbers in more.items():

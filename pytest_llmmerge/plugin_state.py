@@ -21,20 +21,16 @@ if TYPE_CHECKING:
     from .runner import Runner
     from .variants import Chain
 
+
 SETTINGS_KEY = pytest.StashKey[Settings]()
-
 RUNNER_KEY = pytest.StashKey["Runner"]()
-
 SUITE_ERRORS_KEY = pytest.StashKey[list[str]]()
-
 CHAIN_KEY = pytest.StashKey["Chain"]()
-
 CORPORA_KEY = pytest.StashKey[list[str]]()
+CONTEXT_KEY = pytest.StashKey[Any]()
 # Backends that can score text, so parity items run on them.
-
 SCORING_BACKENDS = ("hf", "vllm")
 
-CONTEXT_KEY = pytest.StashKey[Any]()
 
 def integrity_context(config: pytest.Config, settings: Settings) -> Any:
     """One Context per session, so every check shares the parsed files and headers."""
@@ -57,6 +53,7 @@ def integrity_context(config: pytest.Config, settings: Settings) -> Any:
         )
         config.stash[CONTEXT_KEY] = context
     return context
+
 
 def get_runner(config: pytest.Config) -> Runner:
     runner = config.stash.get(RUNNER_KEY, None)
@@ -90,6 +87,7 @@ def get_runner(config: pytest.Config) -> Runner:
         config.stash[RUNNER_KEY] = runner
     return runner
 
+
 def get_chain(config: pytest.Config) -> Chain:
     """The run's merge chain, made once; with --llm-build-merged the merge is built here."""
     chain = config.stash.get(CHAIN_KEY, None)
@@ -114,6 +112,7 @@ def get_chain(config: pytest.Config) -> Chain:
         config.stash[CHAIN_KEY] = chain
     return chain
 
+
 def progress_writer(config: pytest.Config) -> Any:
     """Long steps (weight scans, merges, model loads) shown live on the terminal, quiet under -q.
 
@@ -135,6 +134,7 @@ def progress_writer(config: pytest.Config) -> Any:
             at_line_start = writer is None or getattr(writer, "width_of_current_line", 0) == 0
             reporter.write(("" if at_line_start else "\n") + f"[llmmerge] {message}\n", flush=True)
     return show
+
 
 def skip_unavailable(backend: str) -> None:
     from .backends import unavailable
