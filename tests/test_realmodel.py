@@ -237,15 +237,4 @@ def test_one_shard_missing_from_a_sharded_save(pytester: pytest.Pytester, tmp_pa
     assert "WGT002" in text and shards[-1].name in text, text
 
 
-# --- field failures that wait for checks of the weights themselves ---------------------------------
-
-def test_bf16_merge_precision_loss() -> None:
-    """TODO peft #1388: the same merge done in bfloat16 loses part of the fine-tuning delta
-    (W_bf16 != W + BA); caught by the merge-precision audit once it exists."""
-    pytest.skip("waiting for weights/audit checks")
-
-
-def test_tied_embedding_divergence() -> None:
-    """TODO transformers #45127: embed_tokens and lm_head diverge after a merge while
-    tie_word_embeddings stays true (SmolLM2 is tied); caught by the weight checks once they exist."""
-    pytest.skip("waiting for weights/audit checks")
+# bfloat16 merge precision loss and tied-embedding divergence: tests/test_realmodel_weights.py
