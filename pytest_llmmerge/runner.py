@@ -75,7 +75,12 @@ class Runner:
 
     def keep_only(self, needed: Iterable[WorkerKey]) -> None:
         """Close the workers no needed (variant, backend) will use (their model is done with)."""
-        wanted = [self.worker_kwargs(*key) for key in set(needed)]
+        wanted = []
+        for key in set(needed):
+            try:
+                wanted.append(self.worker_kwargs(*key))
+            except LookupError:  # a variant this run cannot give: its items skip, no worker needed
+                continue
         for key, worker in list(self.workers.items()):
             if (worker.backend, worker.kwargs) not in wanted:
                 del self.workers[key]

@@ -122,3 +122,18 @@ def test_bad_suite_is_a_usage_error_naming_file_and_path(pytester: pytest.Pytest
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*bad.yaml: cases[[]0[]].max_new_tokens: -1 is less than the minimum of 1*"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_case_on_a_variant_the_run_lacks_is_skipped_and_the_rest_run(pytester: pytest.Pytester) -> None:
+    """An adapter-only case in a run without --llm-adapter skips; the items around it still run
+    (it once broke the previous item's teardown, which closes workers later items do not need)."""
+    pytester.makefile(".yaml", lacking="""\
+cases:
+  - {id: a, prompt: "Repeat: apple\\n", max_new_tokens: 8, must_terminate: false}
+  - {id: b, prompt: "Repeat: apple\\n", max_new_tokens: 8, must_terminate: false, variants: [adapter]}
+  - {id: c, prompt: "Repeat: river\\n", max_new_tokens: 8, must_terminate: false}
+""")
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "--llm-backend=hf", "-m", "llmmerge_suite",
+                                           "lacking.yaml", "-rs")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["*variant 'adapter' is not available in this run*"])
