@@ -105,12 +105,16 @@ class IntegrityItem(pytest.Item):
 
 def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:
     """Tables a check computed, as user properties (they reach JUnit XML and the report)."""
-    if check.group == "weights" and check.name == "change_vs_base" and "weights.scan" in context.memo:
-        from .weights import change_table
+    if check.group == "weights" and check.name == "change_vs_base":
+        from .weights import SCAN_KEY, change_table
 
-        return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo["weights.scan"])]
-    if check.group == "audit" and "audit.layers" in context.memo:
-        return [(f"merge_audit_error:{tensor}", layer["error"]) for tensor, layer in context.memo["audit.layers"].items()]
+        if SCAN_KEY in context.memo:
+            return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo[SCAN_KEY])]
+    if check.group == "audit":
+        from .audit import LAYERS_KEY
+
+        return [(f"merge_audit_error:{tensor}", layer["error"])
+                for tensor, layer in context.memo.get(LAYERS_KEY, {}).items()]
     return []
 
 
