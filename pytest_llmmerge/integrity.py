@@ -92,12 +92,15 @@ CODES: dict[str, tuple[str, str]] = {
                "a merge with the wrong scale or the wrong adapter"),
     "WGT018": ("every tensor is bit-identical to the base although adapters were merged",
                "the \"merged\" save holds only the base weights (unsloth #1352)"),
-    "MRG001": ("a tensor lost more than --llm-audit-max-error of the adapters' float32 update (with --llm-audit-merge)",
+    "MRG001": ("a tensor lost more than --llm-audit-max-error of the adapters' float32 update, beyond what rounding "
+               "to the candidate's own storage dtype forces (with --llm-audit-merge)",
                "adapter fine, merged model worse: a merge rounded through bfloat16/float16 (peft #1388, unsloth #1267)"),
     "MRG002": ("the adapters do not fit the base and candidate (targets missing, shapes differ, not LoRA)",
                "a merge made from another base or other adapters than the ones given"),
     "MRG003": ("warning: parts of the adapters were not audited (modules_to_save, missing tensors)",
                "shown so a partial audit is never read as a full one"),
+    "MRG004": ("warning: the candidate's storage dtype (bf16/fp16) cannot hold the update exactly; the merge lost "
+               "no more than that rounding", "peft #1388: a bf16 save moves the loss by rounding alone; shown, not failed"),
     "SAF001": ("pickle-only weights refused (allow with --llm-allow-pickle)",
                "pickle files run code when loaded"),
     "SAF002": ("auto_map custom code refused (allow with --llm-trust-remote-code)",

@@ -103,11 +103,11 @@ def cache_root() -> Path:
     return default_cache_dir() / "realmodel"
 
 
-def _key(*parts: Any) -> str:
+def key_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _build_once(out: Path, build: Callable[[Path], None]) -> Path:
+def build_once(out: Path, build: Callable[[Path], None]) -> Path:
     """`out`, built by `build(tmp)` into a temp sibling and renamed, at most once across processes."""
     if out.is_dir():  # complete by construction: outputs appear only by rename
         return out
@@ -239,8 +239,8 @@ def train_lora(base: Path, out: Path, recipe: Recipe = Recipe(), *, progress: Pr
 
 def smollm2_lora(base: Path, recipe: Recipe = Recipe(), *, progress: Progress | None = None) -> Path:
     """The adapter of `recipe` on `base`, trained once and cached (keyed on base name + recipe)."""
-    out = cache_root() / f"smollm2-lora-{_key(base.name, asdict(recipe))}"
-    return _build_once(out, lambda tmp: train_lora(base, tmp, recipe, progress=progress))
+    out = cache_root() / f"smollm2-lora-{key_of(base.name, asdict(recipe))}"
+    return build_once(out, lambda tmp: train_lora(base, tmp, recipe, progress=progress))
 
 
 def training_record(adapter: Path) -> dict[str, Any]:
@@ -288,4 +288,4 @@ def resharded(model: Path, max_shard_size: str = "100MB", *, progress: Progress 
         if progress is not None:
             progress(f"resharded into {len(shards)} shards in {time.monotonic() - started:.1f} s")
 
-    return _build_once(model.parent / f"{model.name}-shards-{max_shard_size}", build)
+    return build_once(model.parent / f"{model.name}-shards-{max_shard_size}", build)

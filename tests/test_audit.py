@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ADAPTERS, BASE, MERGED
-from pytest_llmmerge.audit import AUDIT_CHECKS, audit, float32_slack, round_to
+from pytest_llmmerge.audit import AUDIT_CHECKS, audit, rounding_slack, round_to
 from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.integrity import Context, Finding, run_check
 from pytest_llmmerge.merge import MergeSpec, cached_merge
@@ -41,7 +41,7 @@ def test_float32_merge_passes_at_its_rounding_floor() -> None:
     assert max(layer.error for layer in result.layers) < 1e-6
     # Two sequential float32 merges: about sqrt(3) float32 floors, well inside the allowed slack.
     assert all(layer.error <= 1.25 * 3 ** 0.5 * layer.floor_f32 for layer in result.layers)
-    assert max(layer.error / layer.floor_f32 for layer in result.layers) < float32_slack(2) / 1.5
+    assert max(layer.error / layer.floor_f32 for layer in result.layers) < rounding_slack(2) / 1.5
 
 
 def test_bfloat16_merge_fails_naming_layers_and_advising_float32(merges: dict[str, Path]) -> None:
@@ -58,14 +58,44 @@ def test_bfloat16_merge_fails_naming_layers_and_advising_float32(merges: dict[st
     assert run(merges["bf16-compute"], audit_max_error=0.05)[0] == []
 
 
-def test_bfloat16_storage_is_named_as_the_cause(merges: dict[str, Path]) -> None:
+def test_a_perfect_merge_stored_in_bfloat16_passes_with_the_storage_loss_shown(merges: dict[str, Path]) -> None:
+    """Merged in float32, saved as bfloat16: all it lost is what bfloat16 storage forces, so it
+    passes; a warning says how much the dtype cannot hold."""
     (finding,) = run(merges["bf16-storage"])[0]
-    assert finding.code == "MRG001"
-    assert "storage dtype itself cannot hold these updates: save the merged model in float32" in finding.message
+    assert finding.code == "MRG004" and finding.severity == "warning"
+    assert "stored in bfloat16, which cannot hold their update exactly" in finding.message
     result = audit(Checkpoint(merges["bf16-storage"]), Checkpoint(BASE), ADAPTERS)
     # Merged in float32 and rounded to bfloat16 after each of the two adapters (as saving each
     # stage does): between one and about sqrt(2) bfloat16 floors.
     assert all(layer.dtype == "BF16" and layer.floor <= layer.error <= 1.5 * layer.floor for layer in result.layers)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_peft_merge_on_a_half_precision_base_passes_and_a_doubled_scale_fails(tmp_path: Path, dtype: str) -> None:
+    """The usual recipe on a base that ships in bf16/fp16: PEFT merge_and_unload in that dtype,
+    save_pretrained.  It rounds twice (the base, then the sum) and stays inside the slack; the
+    same recipe with the LoRA scale doubled does not."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    half = getattr(torch, dtype)
+    base = tmp_path / f"base-{dtype}"
+    AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.float32).to(half).save_pretrained(str(base))
+    outputs = {}
+    for scale in (1, 2):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=half),
+                                          str(ADAPTERS[0]))
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                for key in module.scaling:
+                    module.scaling[key] *= scale
+        outputs[scale] = tmp_path / f"merged-x{scale}"
+        model.merge_and_unload().save_pretrained(str(outputs[scale]))
+    context = Context(Checkpoint(outputs[1]), Checkpoint(base), adapters=ADAPTERS[:1])
+    assert [f.code for f in run_check(AUDIT_CHECKS[0], context).errors] == []
+    context = Context(Checkpoint(outputs[2]), Checkpoint(base), adapters=ADAPTERS[:1])
+    assert [f.code for f in run_check(AUDIT_CHECKS[0], context).errors] == ["MRG001"]
 
 
 def test_base_saved_as_the_merge_lost_everything() -> None:
