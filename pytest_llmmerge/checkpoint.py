@@ -43,6 +43,10 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_t
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 
 
+# safetensors dtype codes of the float dtypes models are computed in, with torch's names.
+FLOAT_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
 class HeaderError(ValueError):
     """A safetensors file whose header cannot be trusted."""
 
@@ -353,6 +357,18 @@ class Checkpoint:
         if weight_map is not None:
             names |= set(weight_map)
         return names
+
+    def compute_dtype(self) -> str | None:
+        """The dtype loaders compute this checkpoint in by default ("auto"): the one config.json
+        declares, else the most common float dtype of its weights."""
+        declared = self.config_dtype
+        if declared:
+            return declared.removeprefix("torch.")
+        counts: dict[str, int] = {}
+        for info in self.tensor_shapes().values():
+            if info.dtype in FLOAT_DTYPE_NAMES:
+                counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        return FLOAT_DTYPE_NAMES[max(counts, key=lambda d: counts[d])] if counts else None
 
     def embedding_rows(self) -> int | None:
         """Rows of the input embedding matrix, from the headers."""

@@ -52,7 +52,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_JINJA,
                    CHAT_TEMPLATE_JSON, "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 DEFAULT_SHARD_SIZE = "5GB"
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # f".{out.name}.tmp-{pid}-{8 hex digits}", the temp dirs build_merged writes into.
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 _LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector", "base_layer")
@@ -246,7 +245,7 @@ def _merge_into(spec: MergeSpec, tmp: Path, say: Progress) -> None:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our progress lines say it
 
     base = Checkpoint(spec.base)
-    base_dtype = _checkpoint_dtype(base)
+    base_dtype = base.compute_dtype()
     output_dtype = spec.output_dtype or base_dtype or spec.compute_dtype
 
     say("loading base")
@@ -299,18 +298,6 @@ def _prefix(exc: BaseException, prefix: str) -> None:
         exc.args = (prefix + exc.args[0], *exc.args[1:])
     else:
         exc.args = (prefix + str(exc), *exc.args[1:])
-
-
-def _checkpoint_dtype(ckpt: Checkpoint) -> str | None:
-    """The dtype a checkpoint declares in config.json, else its weights' most common float dtype."""
-    declared = ckpt.config_dtype
-    if declared:
-        return declared.removeprefix("torch.")
-    counts: dict[str, int] = {}
-    for info in ckpt.tensor_shapes().values():
-        if info.dtype in _SAFETENSORS_DTYPES:
-            counts[info.dtype] = counts.get(info.dtype, 0) + 1
-    return _SAFETENSORS_DTYPES[max(counts, key=lambda d: counts[d])] if counts else None
 
 
 def _check_still_tied(model: Any, adapter: Path) -> None:

@@ -337,8 +337,19 @@ class ComparisonItem(pytest.Item):
         return self.path, None, f"{self.prefix}::{self.name}"
 
 
+def stage_sides(stage: int | None, backend: str, dtype: str) -> Any:
+    """Truth, noise model and candidate of merge stage k (None: the merged candidate)."""
+    from .parity import Sides
+
+    merged, adapter = ("merged", "adapter") if stage is None else (f"stage{stage}", f"stage{stage}-adapter")
+    return Sides(truth=(f"{adapter}@float32", "hf"), noise=(f"{adapter}@as-{merged}", backend),
+                 candidate=(merged, backend), noise_name=f"adapter-only ({dtype}, {backend})",
+                 candidate_name=f"merged ({dtype}, {backend})", dtype=dtype)
+
+
 class ParityItem(ComparisonItem):
-    """Merged vs adapter-only at one stage (perplexity, KL, greedy), or merged vs reference."""
+    """Merged vs adapter-only at one stage (KL, perplexity, greedy), or merged vs reference,
+    each calibrated on the noise of the candidate's dtype and backend."""
 
     prefix = "parity"
 
@@ -347,34 +358,48 @@ class ParityItem(ComparisonItem):
         self.kind = kind
         self.stage = stage
         self.backend = backend
-        if kind == "stage":
-            self.variants = (f"stage{stage}-adapter", f"stage{stage}")
-        else:
-            self.variants = ("reference", "merged")
-        self.worker_keys = tuple((v, backend) for v in self.variants)
+        adapters = self.config.stash[SETTINGS_KEY].adapters
+        sides = stage_sides(stage if kind == "stage" else None, backend, "")
+        self.variants = (f"stage{stage}-adapter", f"stage{stage}") if kind == "stage" else ("reference", "merged")
+        keys = [sides.truth, sides.noise, sides.candidate] if kind == "stage" or adapters else [sides.candidate]
+        self.worker_keys = tuple(keys) + ((("reference", backend),) if kind == "reference" else ())
         self.add_marker("llmmerge")
         self.add_marker("llmmerge_parity")
 
     def runtest(self) -> None:
         from . import parity
+        from .plugin_state import compute_dtype
 
         skip_unavailable(self.backend)
         settings = self.config.stash[SETTINGS_KEY]
         runner = get_runner(self.config)
         chain = get_chain(self.config)
-        workers = [runner.worker(key) for key in self.worker_keys]
         deadline = settings.load_timeout_s
         corpora: list[str] = self.config.stash[CORPORA_KEY]
+        merged = f"stage{self.stage}" if self.kind == "stage" else "merged"
+        dtype = compute_dtype(chain.resolve(merged), settings)
+        sides = stage_sides(self.stage if self.kind == "stage" else None, self.backend, dtype)
         if self.kind == "stage":
-            texts = parity.corpus_texts(corpora, settings.corpus)
-            prompts = parity.greedy_prompts()
-            report = parity.compare_stage(workers[0], workers[1], texts, prompts, settings, deadline)
+            report = parity.compare_stage(runner, sides, parity.corpus_texts(corpora, settings.corpus),
+                                          parity.greedy_prompts(), settings, deadline,
+                                          blame=self._blame(chain, self.stage, dtype))
             if not report.ok:
                 report.add_drift(chain, self.stage)
         else:
-            texts = parity.corpus_texts((), settings.corpus)
-            report = parity.compare_reference(workers[0], workers[1], texts, settings, deadline)
+            report = parity.compare_reference(runner, sides if chain.n else None, ("reference", self.backend),
+                                              parity.corpus_texts((), settings.corpus), settings, deadline,
+                                              blame=self._blame(chain, chain.n, dtype))
+        if report.skipped:
+            pytest.skip(report.skipped)
         self.conclude(report)
+
+    def _blame(self, chain: Any, stage: int, dtype: str) -> str:
+        given = (stage == chain.n and chain.candidate is not None) or stage <= len(chain.given_stages)
+        built = not given
+        who = (f"stage {stage} was built by this plugin (--llm-merge-dtype {chain.merge_dtype})" if built else
+               f"stage {stage} is {'your --llm-model' if stage == chain.n else 'your --llm-stage'}")
+        return (f"the merge of adapter {stage} ({chain.adapters[stage - 1]}), not the fine-tune: the same "
+                f"fine-tune unmerged, computed in {dtype} on {self.backend}, stays within the noise; {who}")
 
     def failure_head(self) -> str:
         return f"parity {self.name} failed ({' vs '.join(self.variants)}):"
@@ -399,22 +424,26 @@ class AgreementItem(ComparisonItem):
     def __init__(self, *, variant: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.variant = variant
-        self.worker_keys = ((variant, "hf"), (variant, "vllm"))
+        self.worker_keys = ((f"{variant}@float32", "hf"), (variant, "hf"), (variant, "vllm"))
         self.add_marker("llmmerge")
         self.add_marker("llmmerge_agreement")
 
     def runtest(self) -> None:
         from . import parity
         from .checkpoint import Checkpoint
+        from .plugin_state import compute_dtype
 
         skip_unavailable("vllm")
         settings = self.config.stash[SETTINGS_KEY]
         runner = get_runner(self.config)
-        hf, vllm = (runner.worker(key) for key in self.worker_keys)
+        spec = get_chain(self.config).resolve(self.variant)
+        dtype = compute_dtype(spec, settings)
+        sides = parity.Sides(truth=self.worker_keys[0], noise=self.worker_keys[1], candidate=self.worker_keys[2],
+                             truth_name="float32 HF", noise_name=f"HF ({dtype})", candidate_name=f"vLLM ({dtype})",
+                             dtype=dtype)
         corpora: list[str] = self.config.stash[CORPORA_KEY]
-        report = parity.compare_backends(hf, vllm, parity.corpus_texts(corpora, settings.corpus),
-                                         parity.greedy_prompts(),
-                                         Checkpoint(get_chain(self.config).resolve(self.variant).path), settings,
+        report = parity.compare_backends(runner, sides, parity.corpus_texts(corpora, settings.corpus),
+                                         parity.greedy_prompts(), Checkpoint(spec.path), settings,
                                          settings.load_timeout_s)
         self.conclude(report)
 

@@ -72,7 +72,8 @@ def get_runner(config: pytest.Config) -> Runner:
         def worker_kwargs(variant: str, backend: str) -> tuple[str, dict[str, Any]]:
             spec = chain.resolve(variant)
             kwargs: dict[str, Any] = {"model_path": str(spec.path), "adapters": [str(a) for a in spec.adapters],
-                                      "dtype": settings.dtype, "device": settings.device, "threads": threads,
+                                      "dtype": compute_dtype(spec, settings), "device": settings.device,
+                                      "threads": threads,
                                       "trust_remote_code": settings.trust_remote_code}
             if backend == "vllm":
                 kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
@@ -86,6 +87,19 @@ def get_runner(config: pytest.Config) -> Runner:
                         on_status=progress_writer(config))
         config.stash[RUNNER_KEY] = runner
     return runner
+
+
+def compute_dtype(spec: Any, settings: Settings) -> str:
+    """The concrete dtype a variant is computed in: its own (``name@dtype``), else --llm-dtype,
+    else ("auto") the one its checkpoint (or, for ``name@as-other``, the other's) declares.  Concrete, so that two names for the same
+    model in the same dtype share one worker."""
+    from .checkpoint import Checkpoint
+
+    if spec.dtype:
+        return str(spec.dtype)
+    if settings.dtype != "auto":
+        return settings.dtype
+    return Checkpoint(spec.dtype_of or spec.path).compute_dtype() or "auto"
 
 
 def get_chain(config: pytest.Config) -> Chain:

@@ -155,10 +155,15 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     comparisons = [i for i in items if i["kind"] in ("parity", "agreement")]
     if comparisons:
-        lines += ["### Parity and agreement", "", "| item | outcome | perplexity rel. diff | KL mean | greedy equal |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| `{_short(i['nodeid'])}` | {_icon(i['outcome'])} | {_cell(i['metrics'].get('ppl_rel_diff', i['metrics'].get('ratio')))} "
-                  f"| {_cell(i['metrics'].get('kl_mean'))} | {_cell(i['metrics'].get('greedy_equal'))} |"
+        lines += ["### Parity and agreement", "",
+                  "Calibrated limits: max(floor, factor × the noise the dtype and backend alone cause); "
+                  "a ratio below 1 passes.", "",
+                  "| item | outcome | KL | KL noise | KL limit | KL / limit | ppl shift | ppl / limit | greedy equal |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| `{_short(i['nodeid'])}` | {_icon(i['outcome'])} | {_cell(i['metrics'].get('kl_mean'))} | "
+                  f"{_cell(i['metrics'].get('kl_mean_noise'))} | {_cell(i['metrics'].get('kl_mean_limit'))} | "
+                  f"{_cell(i['metrics'].get('kl_mean_ratio'))} | {_cell(i['metrics'].get('log_ppl_shift'))} | "
+                  f"{_cell(i['metrics'].get('log_ppl_ratio'))} | {_cell(i['metrics'].get('greedy_equal'))} |"
                   for i in comparisons]
         lines.append("")
     checks = [i for i in items if i["kind"] in ("integrity", "weights", "audit")]
@@ -199,12 +204,14 @@ def terminal_lines(items: Sequence[ItemRecord], workers: Mapping[str, Mapping[st
                          f"{sum(i.outcome == 'failed' for i in rows):>6} {f'{stopped}/{len(ran)}':>15} {mean:>12.1f}")
     comparisons = [i for i in items if i.kind in ("parity", "agreement") and i.outcome != "skipped"]
     if comparisons:
-        lines.append(f"{'parity / agreement':<40} {'outcome':>7} {'ppl rel diff':>12} {'KL mean':>9} {'greedy':>7}")
+        lines.append(f"{'parity / agreement':<40} {'outcome':>7} {'KL mean':>9} {'KL noise':>9} {'KL/limit':>8} "
+                     f"{'ppl shift':>9} {'ppl/limit':>9} {'greedy':>7}")
         for i in comparisons:
-            rel = i.metrics.get("ppl_rel_diff", i.metrics.get("ratio"))
-            kl = i.metrics.get("kl_mean")
-            lines.append(f"{_short(i.nodeid):<40} {i.outcome:>7} {_fmt(rel):>12} {_fmt(kl):>9} "
-                         f"{str(i.metrics.get('greedy_equal', '')):>7}")
+            m = i.metrics
+            lines.append(f"{_short(i.nodeid):<40} {i.outcome:>7} {_fmt(m.get('kl_mean')):>9} "
+                         f"{_fmt(m.get('kl_mean_noise')):>9} {_fmt(m.get('kl_mean_ratio')):>8} "
+                         f"{_fmt(m.get('log_ppl_shift')):>9} {_fmt(m.get('log_ppl_ratio')):>9} "
+                         f"{str(m.get('greedy_equal', '')):>7}")
     for label, stats in sorted(workers.items()):
         lines.append(f"worker {label}: {stats.get('loads', 0)} model load(s) in {float(stats.get('load_seconds', 0)):.1f} s, "
                      f"{stats.get('requests', 0)} request(s), {stats.get('kills', 0)} killed at a deadline, "

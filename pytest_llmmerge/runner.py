@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends.base import Generation, GenRequest
+from .backends.base import Generation, GenRequest, ScoreRequest, TokenLogprobs
 from .worker import DeadlineExceeded, RequestFailed, Worker, WorkerStats
 
 WorkerKey = tuple[str, str]  # (variant, backend)
@@ -40,6 +40,9 @@ class Runner:
     _done: dict[Hashable, Generation] = field(default_factory=dict)
     _solo: set[Hashable] = field(default_factory=set)
     _released: dict[str, WorkerStats] = field(default_factory=dict)
+    # (worker identity, request) -> scores: the float32 truth of a comparison is scored once
+    # and serves every backend's item, even after its worker was closed.
+    _scores: dict[tuple[str, ScoreRequest], TokenLogprobs] = field(default_factory=dict)
 
     def worker(self, key: WorkerKey) -> Worker:
         """The worker of a (variant, backend); variants that are the same model share one."""
@@ -72,6 +75,27 @@ class Runner:
                 self._done.update((p.uid, g) for p, g in zip(batch[1:], results[1:]))
                 return results[0]
         return worker.generate([item.request], item.deadline_s)[0]
+
+    def generate_all(self, key: WorkerKey, requests: Sequence[GenRequest], deadline_s: float) -> list[Generation]:
+        """Greedy generations of `requests` on a worker in one batch (comparisons, users' own tests)."""
+        return self.worker(key).generate(list(requests), deadline_s)
+
+    def score(self, key: WorkerKey, requests: Sequence[ScoreRequest], deadline_s: float) -> list[TokenLogprobs]:
+        """Teacher-forced scores of `requests` on a worker, each computed once per model and dtype."""
+        identity = self._identity(key)
+        todo = list(dict.fromkeys(r for r in requests if (identity, r) not in self._scores))
+        if todo:
+            results: list[TokenLogprobs] = self.worker(key).call("score", todo, deadline_s)
+            self._scores.update(((identity, r), s) for r, s in zip(todo, results))
+        return [self._scores[(identity, r)] for r in requests]
+
+    def same_model(self, a: WorkerKey, b: WorkerKey) -> bool:
+        """Whether two keys name the same model, dtype and backend (one worker serves both)."""
+        return self._identity(a) == self._identity(b)
+
+    def _identity(self, key: WorkerKey) -> str:
+        spec, kwargs = self.worker_kwargs(*key)
+        return repr((spec, sorted(kwargs.items())))
 
     def keep_only(self, needed: Iterable[WorkerKey]) -> None:
         """Close the workers no needed (variant, backend) will use (their model is done with)."""

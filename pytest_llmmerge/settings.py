@@ -7,6 +7,7 @@ wiring, the README's options table and the tests all read that table, so they ca
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,15 +74,23 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "ppl_rtol", "--llm-ppl-rtol", "llm_ppl_rtol", "LLMMERGE_PPL_RTOL", "float",
-        "max relative perplexity difference, merged vs adapter-only and HF vs vLLM (default 0.01)", "RTOL",
+        "fixed max relative perplexity difference, merged vs adapter-only and HF vs vLLM (default: calibrated "
+        "on the measured noise, see --llm-noise-factor)", "RTOL",
     ),
     OptionSpec(
         "kl_max", "--llm-kl-max", "llm_kl_max", "LLMMERGE_KL_MAX", "float",
-        "max mean per-token KL(adapter-only || merged) in nats (default 1e-3)", "NATS",
+        "fixed max mean per-token KL from the float32 truth, in nats (default: calibrated, max(1e-3, "
+        "noise factor x the KL that the dtype and backend alone cause))", "NATS",
     ),
     OptionSpec(
         "max_ppl_ratio", "--llm-max-ppl-ratio", "llm_max_ppl_ratio", "LLMMERGE_MAX_PPL_RATIO", "float",
-        "max perplexity (or bits per byte) of the merged model over the reference's (default 1.5)", "RATIO",
+        "max perplexity (or bits per byte) of the merged model over the base's on general text: a "
+        "forgetting limit (default: off; the merge is judged against the unmerged fine-tune instead)", "RATIO",
+    ),
+    OptionSpec(
+        "noise_factor", "--llm-noise-factor", "llm_noise_factor", "LLMMERGE_NOISE_FACTOR", "float",
+        "calibrated limits are max(floor, F x the noise measured in the run) for the KL and the "
+        "log-perplexity shift from the float32 truth (default 10)", "F",
     ),
     OptionSpec(
         "top_k", "--llm-top-k", "llm_top_k", "LLMMERGE_TOP_K", "int",
@@ -188,10 +197,11 @@ class Settings:
     build_merged: bool = False
     merge_dtype: str = "float32"
     corpus: Path | None = None
-    # Tolerances: defaults from vLLM's and PEFT's own test suites (DESIGN.md).
-    ppl_rtol: float = 0.01
-    kl_max: float = 1e-3
-    max_ppl_ratio: float = 1.5
+    # Explicit tolerances; None means calibrated on the noise measured in the run (calibration.py).
+    ppl_rtol: float | None = None
+    kl_max: float | None = None
+    max_ppl_ratio: float | None = None
+    noise_factor: float = 10.0
     top_k: int = 5
     max_weight_change: float | None = None
     audit_merge: bool = False
@@ -249,8 +259,8 @@ def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> ob
         except ValueError:
             raise SettingsError(f"{where}: {raw!r} is not {'an integer' if spec.kind == 'int' else 'a number'}") \
                 from None
-        if number <= 0:
-            raise SettingsError(f"{where}: {raw!r} must be greater than 0")
+        if not math.isfinite(number) or number <= 0:
+            raise SettingsError(f"{where}: {raw!r} must be a finite number greater than 0")
         return number
     return str(raw).strip()
 

@@ -38,6 +38,18 @@ class ModelSpec:
 
     path: Path
     adapters: tuple[Path, ...] = ()
+    dtype: str | None = None  # computed in this dtype; None: the run's --llm-dtype
+    dtype_of: Path | None = None  # computed in the dtype this checkpoint is computed in
+
+
+AS = "as-"  # ``<variant>@as-<other>``: computed in the dtype <other> is computed in
+
+
+def with_dtype(variant: str, dtype: str) -> str:
+    """The name of `variant` computed in `dtype` (``stage1-adapter@float32``), or in the dtype of
+    another variant (``stage1-adapter@as-stage1``): the float32 truth and the noise model of a
+    calibrated comparison."""
+    return f"{variant.partition('@')[0]}@{dtype}"
 
 
 @dataclass
@@ -95,7 +107,16 @@ class Chain:
         return self._built[k]
 
     def resolve(self, variant: str) -> ModelSpec:
-        """The model a variant name stands for; raises VariantUnavailable naming what is missing."""
+        """The model a variant name stands for; raises VariantUnavailable naming what is missing.
+
+        ``<variant>@<dtype>`` is the same model computed in that dtype."""
+        name, _, dtype = variant.partition("@")
+        spec = self._resolve(name)
+        if dtype.startswith(AS):
+            return ModelSpec(spec.path, spec.adapters, None, self._resolve(dtype[len(AS):]).path)
+        return ModelSpec(spec.path, spec.adapters, dtype) if dtype else spec
+
+    def _resolve(self, variant: str) -> ModelSpec:
         if variant == REFERENCE:
             return ModelSpec(self.stage(0))
         if variant == MERGED:
@@ -103,7 +124,7 @@ class Chain:
                 raise VariantUnavailable("needs --llm-model, or --llm-base with --llm-adapter to build it")
             return ModelSpec(self.stage(self.n) if self.n else self.candidate)  # type: ignore[arg-type]
         if variant == ADAPTER:
-            return self.resolve(f"stage{self.n}-adapter")
+            return self._resolve(f"stage{self.n}-adapter")
         match = _STAGE.match(variant)
         if match is None:
             raise VariantUnavailable(f"unknown variant {variant!r}")

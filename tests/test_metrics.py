@@ -50,18 +50,19 @@ def test_greedy_rules() -> None:
 
 
 class Scripted:
-    """A caller that returns fixed scores: only for the decision logic of compare_reference."""
+    """A run that returns fixed scores per model: only for the decision logic of compare_reference."""
 
-    label = "scripted"
-
-    def __init__(self, scores: list[TokenLogprobs]) -> None:
+    def __init__(self, scores: dict[str, list[TokenLogprobs]]) -> None:
         self.scores = scores
 
-    def call(self, op: str, payload: object, deadline_s: float) -> list[TokenLogprobs]:
-        return self.scores
+    def score(self, key: tuple[str, str], requests: object, deadline_s: float) -> list[TokenLogprobs]:
+        return self.scores[key[0]]
 
-    def generate(self, requests: object, deadline_s: float) -> list[object]:
+    def generate_all(self, key: object, requests: object, deadline_s: float) -> list[object]:
         raise AssertionError("not used")
+
+    def same_model(self, a: object, b: object) -> bool:
+        return a == b
 
 
 def test_reference_comparison_uses_bits_per_byte_when_tokenizers_differ() -> None:
@@ -70,11 +71,23 @@ def test_reference_comparison_uses_bits_per_byte_when_tokenizers_differ() -> Non
     from pytest_llmmerge.parity import compare_reference
 
     settings = SimpleNamespace(max_ppl_ratio=1.5)
-    ref = Scripted([TokenLogprobs((1, 2, 3, 4), (-1.0, -1.0, -1.0), n_bytes=10)])
+    ref = [TokenLogprobs((1, 2, 3, 4), (-1.0, -1.0, -1.0), n_bytes=10)]
     # Another tokenizer: half as many tokens, each twice as costly -> same bits per byte.
-    other = Scripted([TokenLogprobs((7, 8), (-3.0,), n_bytes=10)])
-    same = compare_reference(ref, other, ["text"], settings, 1.0)  # type: ignore[arg-type]
+    other = [TokenLogprobs((7, 8), (-3.0,), n_bytes=10)]
+    same = compare_reference(Scripted({"reference": ref, "merged": other}), None, ("reference", "hf"), ["text"],
+                             settings, 1.0, blame="")
     assert same.metrics["measure"] == "bits per byte" and same.ok
-    worse = Scripted([TokenLogprobs((7, 8), (-9.0,), n_bytes=10)])
-    report = compare_reference(ref, worse, ["text"], settings, 1.0)  # type: ignore[arg-type]
+    worse = [TokenLogprobs((7, 8), (-9.0,), n_bytes=10)]
+    report = compare_reference(Scripted({"reference": ref, "merged": worse}), None, ("reference", "hf"), ["text"],
+                               settings, 1.0, blame="")
     assert not report.ok and "bits per byte merged" in report.failures[0]
+
+
+def test_reference_comparison_without_adapters_or_limit_is_skipped_not_passed() -> None:
+    from types import SimpleNamespace
+
+    from pytest_llmmerge.parity import compare_reference
+
+    report = compare_reference(Scripted({}), None, ("reference", "hf"), ["text"], SimpleNamespace(max_ppl_ratio=None),
+                               1.0, blame="")
+    assert report.skipped is not None and "--llm-max-ppl-ratio" in report.skipped

@@ -41,11 +41,11 @@ def test_bfloat16_merge_fails_at_tight_tolerance_naming_layers(pytester: pytest.
                                                                tmp_path: Path) -> None:
     bf16 = build_merged(MergeSpec(stage1, (ADAPTERS[1],), compute_dtype="bfloat16", output_dtype="float32"),
                         tmp_path / "bf16")
-    # Default tolerances accept bf16 rounding on this tiny model; a tight KL bound does not.
+    # The calibrated default accepts bf16 rounding on this tiny model; a tight explicit KL bound does not.
     result = parity(pytester, bf16, "--llm-kl-max=1e-9", "--llm-ppl-rtol=1e-6", "-k", "stage2")
     assert failed_items(result) == ["stage2[hf]"]
     output = result.stdout.str()
-    assert "llm_kl_max" in output and "worst document" in output
+    assert "limit 1e-09 = --llm-kl-max 1e-09" in output and "worst document" in output
     assert "layers that lost most of the fine-tuning delta" in output
     assert "model.layers." in output.split("layers that lost most")[1]
 
@@ -54,7 +54,10 @@ def test_doubled_adapter_scale_fails(pytester: pytest.Pytester, stage1: Path, tm
     wrong = build_merged(MergeSpec(stage1, (ADAPTERS[1],), scale=2.0), tmp_path / "alpha-x2")
     result = parity(pytester, wrong, "-k", "stage2")
     assert failed_items(result) == ["stage2[hf]"]
-    result.stdout.fnmatch_lines(["*perplexity merged * vs adapter-only *relative difference*", "*KL*"])
+    result.stdout.fnmatch_lines([
+        "*mean per-token KL(float32 adapter-only || merged (float32, hf)) * > limit * = max(floor 0.001, 10 x noise *)"
+        "*To blame: the merge of adapter 2*not the fine-tune*",
+        "*perplexity * of the float32 adapter-only model*To blame: the merge of adapter 2*"])
 
 
 def test_merged_that_is_really_the_base_fails(pytester: pytest.Pytester, tmp_path: Path) -> None:
@@ -72,3 +75,25 @@ def test_chain_with_a_skipped_adapter_fails_at_that_stage(pytester: pytest.Pytes
     result = parity(pytester, final, f"--llm-stage={skipped}", "-k", "stage")
     assert failed_items(result) == ["stage1[hf]"]
     result.assert_outcomes(passed=1, failed=1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_merges_pass_on_their_measured_noise_and_a_wrong_one_fails(
+        pytester: pytest.Pytester, stage1: Path, tmp_path: Path, dtype: str) -> None:
+    """A float32 merge saved in bf16/fp16 (the shape real releases ship in) passes the default,
+    calibrated limits: the noise model (the fine-tune unmerged, computed in that dtype) is
+    measured in the run.  The same recipe with the LoRA scale doubled fails."""
+    import json
+
+    healthy = build_merged(MergeSpec(stage1, (ADAPTERS[1],), output_dtype=dtype), tmp_path / f"healthy-{dtype}")
+    report = tmp_path / "report.json"
+    result = parity(pytester, healthy, f"--llm-stage={stage1}", "-k", "stage2", f"--llm-report={report}")
+    result.assert_outcomes(passed=1)
+    (item,) = [i for i in json.loads(report.read_text())["items"] if i["kind"] == "parity"]
+    figures = item["metrics"]
+    assert figures["dtype"] == dtype and figures["kl_mean_noise"] > 0, figures
+    assert figures["kl_mean_ratio"] < 1 and figures["log_ppl_ratio"] < 1, figures
+    wrong = build_merged(MergeSpec(stage1, (ADAPTERS[1],), scale=2.0, output_dtype=dtype), tmp_path / f"x2-{dtype}")
+    result = parity(pytester, wrong, f"--llm-stage={stage1}", "-k", "stage2")
+    assert failed_items(result) == ["stage2[hf]"]
+    result.stdout.fnmatch_lines([f"*mean per-token KL(float32 adapter-only || merged ({dtype}, hf))*> limit*"])
