@@ -163,6 +163,7 @@ class CaseFailed(Exception):
         self.partial = partial
         self.log_tail = log_tail
         self.bisect: list[str] = []  # with --llm-bisect: the first failing stage of the chain
+        self.attribution: list[str] = []  # merged model failing: does the unmerged fine-tune fail too?
 
 
 def _cut(text: str, limit: int) -> str:
@@ -217,9 +218,63 @@ class CaseItem(pytest.Item):
                 return
             failure = CaseFailed(reasons, generation)
         settings = self.config.stash[SETTINGS_KEY]
-        if settings.bisect and self.variant == "merged" and get_chain(self.config).n:
+        chain = get_chain(self.config)
+        if self.variant == "merged" and chain.n and chain.base is not None:
+            failure.attribution = self._attribute()
+        if settings.bisect and self.variant == "merged" and chain.n:
             failure.bisect = self._bisect(failure.reasons[0])
         raise failure from None
+
+    def _run_on(self, variant: str) -> tuple[bool, str]:
+        """(fails, what it did) for this case on another variant, same backend and deadline."""
+        from .expectations import evaluate
+        from .runner import Pending
+        from .worker import WorkerError
+
+        try:
+            generation = get_runner(self.config).generate(
+                (variant, self.backend), Pending(f"{self.nodeid}@{variant}", self.request(), self.case.timeout_s))
+        except WorkerError as exc:  # a missed deadline fails the case there too
+            return True, str(exc).splitlines()[0]
+        reasons = evaluate(self.case, generation)
+        return bool(reasons), (reasons[0] if reasons else f"finish_reason={generation.finish_reason}, "
+                               f"{len(generation.token_ids)} tokens")
+
+    def _attribute(self) -> list[str]:
+        """Run the case on the fine-tune unmerged (in the merged model's dtype) and, when that
+        fails too, on the base: the failure then says whether the merge or the fine-tune broke it."""
+        from .plugin_state import compute_dtype
+
+        chain, settings = get_chain(self.config), self.config.stash[SETTINGS_KEY]
+        items = self.session.items
+        later = items[items.index(self) + 1:] if self in items else []
+        keep = {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
+        dtype = compute_dtype(chain.resolve("merged"), settings)
+        say = progress_writer(self.config) or (lambda message: None)
+        try:
+            say(f"attribution {self.name}: the same case on the adapter-only model ({dtype})")
+            adapter_fails, adapter_did = self._run_on("adapter@as-merged")
+            if not adapter_fails:
+                verdict, lines = "merge", [f"attribution: passes on adapter-only ({dtype}, {self.backend}: "
+                                           f"{adapter_did}): the merge broke it, not the fine-tune"]
+            else:
+                say(f"attribution {self.name}: the same case on the base")
+                base_fails, base_did = self._run_on("reference")
+                lines = [f"attribution: also fails on adapter-only ({dtype}, {self.backend}: {adapter_did}): "
+                         "the fine-tune, not the merge"]
+                if base_fails:
+                    verdict = "base"
+                    lines.append(f"  and on the base ({base_did}): the base already fails this case and the "
+                                 "fine-tune did not fix it")
+                else:
+                    verdict = "fine-tune"
+                    lines.append(f"  the base passes ({base_did}): the fine-tune broke it")
+        except Exception as exc:  # a variant that cannot load must not hide the case's own failure
+            return [f"attribution could not finish: {type(exc).__name__}: {exc}"]
+        finally:
+            get_runner(self.config).keep_only(keep)
+        self.user_properties += [("attribution", verdict), ("attribution_detail", " ".join(lines))]
+        return lines
 
     def _bisect(self, reason: str) -> list[str]:
         """Probe the chain's stages with this case to name the adapter that broke it."""
@@ -284,6 +339,7 @@ class CaseItem(pytest.Item):
             lines.append("  worker log (last lines):\n" + "\n".join("    " + line for line in error.log_tail.splitlines()))
         if case.note:
             lines.append(f"  why this case exists: {case.note}")
+        lines += ["  " + line for line in error.attribution]
         lines += ["  " + line for line in error.bisect]
         return "\n".join(lines)
 

@@ -142,7 +142,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += ["### Failures", ""]
         for i in failed:
             first = (i.get("message") or "").strip().splitlines()
-            lines.append(f"- `{_short(i['nodeid'])}`: {_cell(first[1] if len(first) > 1 else first[0] if first else '')}")
+            blame = i["metrics"].get("attribution_detail")
+            lines.append(f"- `{_short(i['nodeid'])}`: {_cell(first[1] if len(first) > 1 else first[0] if first else '')}"
+                         + (f" — {_cell(blame)}" if blame else ""))
         lines.append("")
     suites = [i for i in items if i["kind"] == "suite"]
     for variant, backend in sorted({(i["variant"], i["backend"]) for i in suites}, key=str):
