@@ -444,7 +444,7 @@ class ParityItem(ComparisonItem):
         else:
             report = parity.compare_reference(runner, sides if chain.n else None, ("reference", self.backend),
                                               parity.corpus_texts((), settings.corpus), settings, deadline,
-                                              blame=self._blame(chain, chain.n, dtype))
+                                              blame=self._blame(chain, chain.n, dtype) if chain.n else "")
         if report.skipped:
             pytest.skip(report.skipped)
         self.conclude(report)

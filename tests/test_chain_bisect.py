@@ -49,7 +49,10 @@ def test_bisection_names_adapter_5_with_log2_builds_then_reuses_them(pytester: p
     assert probed == {0, 3, 4, 5, 7}
     # Builds for the probes: ceil(log2 7) = 3 (stage 7 itself is built for the merged variant).
     assert len(probed - {0, 7}) <= math.ceil(math.log2(len(CHAIN)))
-    assert "5 probe(s), 4 stage build(s) this run" in out
+    # Four for the bisection, one more (stage 6) for the attribution: the adapter-only model of
+    # the last adapter is stage 6 with a7 unmerged.
+    assert "5 probe(s), 5 stage build(s) this run" in out
+    assert "attribution: also fails on adapter-only" in out
     report = json.loads((pytester.path / "first.json").read_text())
     case = next(i for i in report["items"] if i["nodeid"].endswith("unknown-function[merged-hf]"))
     assert case["metrics"]["bisect_first_failing_stage"] == 5
