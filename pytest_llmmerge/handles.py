@@ -36,13 +36,11 @@ class ModelClient:
         """Greedy generation of several prompts in one batch."""
         requests = [p if isinstance(p, GenRequest) else GenRequest(prompt=p, max_new_tokens=max_new_tokens)
                     for p in prompts]
-        return self.runner.worker((self.variant, self.backend_name)).generate(requests, self.timeout_s)
+        return self.runner.generate_all((self.variant, self.backend_name), requests, self.timeout_s)
 
     def score(self, texts: Sequence[str | ScoreRequest]) -> list[TokenLogprobs]:
         requests = [t if isinstance(t, ScoreRequest) else ScoreRequest(text=t) for t in texts]
-        result: list[TokenLogprobs] = self.runner.worker((self.variant, self.backend_name)).call(
-            "score", requests, self.timeout_s)
-        return result
+        return self.runner.score((self.variant, self.backend_name), requests, self.timeout_s)
 
 
 @dataclass(frozen=True)

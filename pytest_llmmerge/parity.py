@@ -171,8 +171,7 @@ def judge_scores(report: ParityReport, sides: Sides, texts: Sequence[str], score
         floor=calibration.LOG_PPL_FLOOR, explicit=None if settings.ppl_rtol is None else math.log1p(settings.ppl_rtol),
         option="--llm-ppl-rtol (as ln(1 + rtol))")
     report.metrics.update(kl.figures("kl_mean"), **ppl.figures("log_ppl"))
-    noise_line = (f"the {sides.noise_name} model ({sides.noise[0].partition('@')[2] or sides.dtype} on "
-                  f"{sides.noise[1]}) is {kl_n:.3g} nats from the {sides.truth_name} model")
+    noise_line = f"the {sides.noise_name} model is {kl_n:.3g} nats from the {sides.truth_name} model"
     if not kl.ok:
         worst = max(range(len(texts)), key=lambda i: sum(kls[i]) / max(1, len(kls[i])))
         report.failures.append(f"{kl.describe()}; {noise_line}; worst document {_doc(texts[worst])} "

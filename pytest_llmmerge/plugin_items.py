@@ -237,8 +237,16 @@ class CaseItem(pytest.Item):
         except WorkerError as exc:  # a missed deadline fails the case there too
             return True, str(exc).splitlines()[0]
         reasons = evaluate(self.case, generation)
+        count = len(generation.token_ids)
         return bool(reasons), (reasons[0] if reasons else f"finish_reason={generation.finish_reason}, "
-                               f"{len(generation.token_ids)} tokens")
+                               f"{count} token{'' if count == 1 else 's'}")
+
+    def _workers_still_needed(self) -> set[Any]:
+        """The workers this item and the items after it use: the rest may be closed, so that a
+        probe of another variant holds one extra model at a time."""
+        items = self.session.items
+        later = items[items.index(self) + 1:] if self in items else []
+        return {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
 
     def _attribute(self) -> list[str]:
         """Run the case on the fine-tune unmerged (in the merged model's dtype) and, when that
@@ -246,9 +254,7 @@ class CaseItem(pytest.Item):
         from .plugin_state import compute_dtype
 
         chain, settings = get_chain(self.config), self.config.stash[SETTINGS_KEY]
-        items = self.session.items
-        later = items[items.index(self) + 1:] if self in items else []
-        keep = {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
+        keep = self._workers_still_needed()
         dtype = compute_dtype(chain.resolve("merged"), settings)
         say = progress_writer(self.config) or (lambda message: None)
         try:
@@ -279,32 +285,18 @@ class CaseItem(pytest.Item):
     def _bisect(self, reason: str) -> list[str]:
         """Probe the chain's stages with this case to name the adapter that broke it."""
         from .bisection import Probe, bisect_stages
-        from .expectations import evaluate
-        from .runner import Pending
-        from .worker import WorkerError
 
         runner, chain = get_runner(self.config), get_chain(self.config)
         say = progress_writer(self.config) or (lambda message: None)
-        items = self.session.items
-        later = items[items.index(self) + 1:] if self in items else []
-        keep = {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
+        keep = self._workers_still_needed()
 
         def probe(k: int) -> Probe:
-            key = ("reference" if k == 0 else f"stage{k}", self.backend)
             try:
-                generation = runner.generate(key, Pending(f"{self.nodeid}@stage{k}", self.request(),
-                                                          self.case.timeout_s))
-            except WorkerError as exc:  # a missed deadline is a failure of the stage, not of the bisection
-                result = Probe(k, True, str(exc).splitlines()[0])
-            else:
-                reasons = evaluate(self.case, generation)
-                count = len(generation.token_ids)
-                result = Probe(k, bool(reasons), reasons[0] if reasons else
-                               f"finish_reason={generation.finish_reason}, {count} token{'' if count == 1 else 's'}")
+                failed, did = self._run_on("reference" if k == 0 else f"stage{k}")
             finally:
                 runner.keep_only(keep)  # one stage's model at a time
-            say(f"bisect {self.name}: stage {k} {'fails' if result.failed else 'passes'}")
-            return result
+            say(f"bisect {self.name}: stage {k} {'fails' if failed else 'passes'}")
+            return Probe(k, failed, did)
 
         try:
             found = bisect_stages(chain.n, probe, last=Probe(chain.n, True, reason))
