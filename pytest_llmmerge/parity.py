@@ -218,7 +218,7 @@ def _greedy_failures(runner: Scorer, a: Key, b: Key, prompts: Sequence[GenReques
         top_a, top_b = _divergence(runner, a, b, ga, position, settings.top_k, deadline_s)
         verdict = metrics.greedy_verdict(ga.token_ids, gb.token_ids, top_a, top_b)
         if not verdict.ok:
-            shown = request.prompt if request.prompt is not None else str(request.messages)
+            shown = _request_text(request)
             failures.append(f"greedy outputs diverge at token {position} for {_doc(shown)}: {names[0]} "
                             f"{verdict.token_a} vs {names[1]} {verdict.token_b}, not in each other's top "
                             f"{settings.top_k} ({names[0]} {ga.text!r}, {names[1]} {gb.text!r})")
@@ -271,6 +271,13 @@ def _drift_measure(ref: Sequence[TokenLogprobs], other: Sequence[TokenLogprobs])
     return "bits per byte", metrics.bits_per_byte(ref), metrics.bits_per_byte(other)
 
 
+def _request_text(request: GenRequest) -> str:
+    """A prompt as a reader wants it in a failure: raw text, or the chat turns as `role: text`."""
+    if request.prompt is not None:
+        return request.prompt
+    return " | ".join(f"{role}: {content}" for role, content in request.messages or ())
+
+
 def _token_name(ckpt: Any, token_id: int | None) -> str:
     if token_id is None:
         return "none"
@@ -309,7 +316,7 @@ def compare_backends(runner: Scorer, sides: Sides, texts: Sequence[str], prompts
     outs_hf, outs_vllm = runner.generate_all(hf, prompts, deadline_s), runner.generate_all(vllm, prompts, deadline_s)
     equal = agree = 0
     for request, gh, gv in zip(prompts, outs_hf, outs_vllm):
-        shown = _doc(request.prompt if request.prompt is not None else str(request.messages))
+        shown = _doc(_request_text(request))
         if gh.finish_reason != gv.finish_reason:
             report.failures.append(_termination_failure(shown, gh, gv, ckpt))
             continue
