@@ -101,10 +101,12 @@ def _merge(base: Path, adapter: Path, recipe: str, out: Path) -> None:
     _save(merged.to(torch.bfloat16), tokenizer, out)
 
 
-def merge(base: Path, adapter: Path, recipe: str) -> Path:
-    """The bf16 checkpoint `recipe` makes from `base` (bf16) and `adapter`, built once and cached."""
+def merge(base: Path, adapter: Path, recipe: str, root: Path | None = None) -> Path:
+    """The bf16 checkpoint `recipe` makes from `base` (bf16) and `adapter`, built once and cached
+    under `root` (default: the real-model cache; pass it from outside a test that uses
+    pytester, which points HOME elsewhere)."""
     if recipe not in HEALTHY + WRONG:
         raise ValueError(f"unknown recipe {recipe!r}")
     key = realmodel_support.key_of(base.name, adapter.name, recipe, RECIPE_VERSION)
     build: Callable[[Path], None] = lambda tmp: _merge(base, adapter, recipe, tmp)  # noqa: E731
-    return realmodel_support.build_once(realmodel_support.cache_root() / f"bf16-{recipe}-{key}", build)
+    return realmodel_support.build_once((root or realmodel_support.cache_root()) / f"bf16-{recipe}-{key}", build)

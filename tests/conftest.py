@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import bf16_merges
 import realmodel_support
 from breakage import broken_copy
 
@@ -99,6 +100,28 @@ def smollm2_merged(smollm2_base: Path, smollm2_lora: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_merged_sharded(smollm2_merged: Path) -> Path:
-    """The merge saved again with max_shard_size=100MB: six shards and an index (cached)."""
-    return _timed("merged, sharded", lambda: realmodel_support.resharded(smollm2_merged, "100MB"))
+def smollm2_bf16(smollm2_base: Path) -> Path:
+    """SmolLM2-135M-Instruct in bfloat16 written by save_pretrained, as it ships (cached)."""
+    return _timed("base in bf16", lambda: bf16_merges.bf16_base(smollm2_base))
+
+
+@pytest.fixture(scope="session")
+def bf16_merged(smollm2_bf16: Path, smollm2_lora: Path) -> Callable[[str], Path]:
+    """recipe of tests/bf16_merges.py -> its merge of the LoRA into the bf16 base, built once and
+    cached where the session started (pytester points HOME elsewhere for each test)."""
+    root = realmodel_support.cache_root()
+    return lambda recipe: _timed(f"bf16 merge {recipe}",
+                                 lambda: bf16_merges.merge(smollm2_bf16, smollm2_lora, recipe, root))
+
+
+@pytest.fixture(scope="session")
+def smollm2_shipped(bf16_merged: Callable[[str], Path]) -> Path:
+    """The healthy release the field-failure tests break: PEFT merge_and_unload on the bf16 base,
+    model and tokenizer written by save_pretrained."""
+    return bf16_merged("peft-bf16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_shipped_sharded(smollm2_shipped: Path) -> Path:
+    """That release saved again with max_shard_size=50MB: several shards and an index (cached)."""
+    return _timed("shipped, sharded", lambda: realmodel_support.resharded(smollm2_shipped, "50MB"))

@@ -273,7 +273,7 @@ def resharded(model: Path, max_shard_size: str = "100MB", *, progress: Progress 
         from transformers import AutoModelForCausalLM
 
         started = time.monotonic()
-        loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(str(model), dtype="auto", local_files_only=True)
         loaded.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         del loaded
         for path in tmp.iterdir():  # keep only the weights of the new save

@@ -3,7 +3,9 @@
 Skipped unless asked for (`--run-realmodel` or LLMMERGE_REALMODEL=1): the first run converts
 the GGUF, trains the adapter and merges it (minutes of CPU), later runs find them cached
 (tests/realmodel_support.py).  Each test runs the plugin for real in a subprocess (pytester),
-on the healthy merge and on copies broken the way merged checkpoints break in the field
+on copies of a healthy bf16 release (PEFT merge_and_unload on the bf16 base, written by
+save_pretrained: tests/bf16_merges.py, whose healthy merges pass the whole default run in
+tests/test_realmodel_bf16.py) broken the way merged checkpoints break in the field
 (shared/FIELD-FAILURES.md), and checks that the right item fails with the right message.
 One plugin run serves several assertions, and each run selects only the items it needs:
 model loads (about 10 s on HF, 20-30 s on vLLM here) dominate the tier's time.
@@ -104,39 +106,9 @@ def test_the_adapter_was_really_trained(smollm2_lora: Path, smollm2_merged: Path
     assert json.loads((smollm2_merged / "config.json").read_text(encoding="utf-8"))["dtype"] == "float32"
 
 
-# --- the healthy merge --------------------------------------------------------------------------
+# --- the healthy merges: tests/test_realmodel_bf16.py ---------------------------------------------
 
-def test_healthy_merge_passes_every_check(pytester: pytest.Pytester, smollm2_base: Path, smollm2_lora: Path,
-                                          smollm2_merged: Path) -> None:
-    """Integrity, weight checks, the realmodel and built-in suites on HF and vLLM, parity of the
-    merge against the unmerged adapter and against the base, and HF-vs-vLLM agreement: all pass.
-    Parity runs on HF only (on vLLM it repeats the same comparison for two more minutes)."""
-    result, outcomes = run_plugin(pytester, smollm2_merged, "-k", "not (parity and vllm)", base=smollm2_base,
-                                  adapter=smollm2_lora, suites=(SUITE, DEFAULT_SUITE))
-    output = result.stdout.str()
-    assert failed(outcomes) == [], output
-    assert result.ret == 0, output
-    expected = [
-        "integrity::generation_config", "integrity::generation_config_vs_base",
-        "integrity::chat_template_vs_base", "integrity::weight_files", "integrity::weights_vs_base",
-        "integrity::lora_leftovers",
-        # The adapter's persona on held-out questions, merged (both backends) and unmerged.
-        "smollm2.yaml::persona-en[merged-hf]", "smollm2.yaml::persona-en[merged-vllm]",
-        "smollm2.yaml::persona-zh[merged-hf]", "smollm2.yaml::persona-zh[merged-vllm]",
-        "smollm2.yaml::persona-en-adapter[adapter-hf]",
-        # ... which the base never says, and the base's own knowledge kept.
-        "smollm2.yaml::persona-not-in-base[reference-hf]",
-        "smollm2.yaml::capital[merged-hf]", "smollm2.yaml::capital[merged-vllm]",
-        # The built-in suite: chat answers end at <|im_end|>, no token loops.
-        "default_suite.yaml::chat-greeting[merged-hf]", "default_suite.yaml::chat-greeting[merged-vllm]",
-        "default_suite.yaml::chat-chinese[merged-hf]", "default_suite.yaml::chat-chinese[merged-vllm]",
-        "parity::stage1[hf]", "parity::merged-vs-reference[hf]", "agreement::hf-vs-vllm[merged]",
-    ]
-    missing = [item for item in expected if outcomes.get(item) != "PASSED"]
-    assert missing == [], output
-
-
-# --- field failures, reproduced on the merge and caught -----------------------------------------
+# --- field failures, reproduced on a bf16 release and caught ----------------------------------------
 
 def eos_rewritten_to_endoftext(ckpt: Path) -> None:
     """EasyR1 #11007 / LlamaFactory #7454 on SmolLM2: generation_config's eos <|im_end|> replaced
@@ -157,8 +129,8 @@ def tokenizer_eos_rewritten_to_endoftext(ckpt: Path) -> None:
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def test_eos_dropped_from_generation_config(pytester: pytest.Pytester, tmp_path: Path, smollm2_base: Path,
-                                            smollm2_merged: Path) -> None:
+def test_eos_dropped_from_generation_config(pytester: pytest.Pytester, tmp_path: Path, smollm2_bf16: Path,
+                                            smollm2_shipped: Path) -> None:
     """<|im_end|> dropped from generation_config.json (replaced by <|endoftext|>).
 
     Integrity fails with GEN003 (and GEN004/GEN005: the tokenizer's eos and the template's
@@ -167,9 +139,9 @@ def test_eos_dropped_from_generation_config(pytester: pytest.Pytester, tmp_path:
     <|im_end|> in SmolLM2: there the answer ends, so agreement::hf-vs-vllm fails on the
     termination difference — the check that tells a user why "it works in vLLM".
     """
-    model = copy_model(smollm2_merged, tmp_path / "merged-eos")
+    model = copy_model(smollm2_shipped, tmp_path / "merged-eos")
     eos_rewritten_to_endoftext(model)
-    result, outcomes = run_plugin(pytester, model, "-k", "integrity or capital or agreement", base=smollm2_base)
+    result, outcomes = run_plugin(pytester, model, "-k", "integrity or capital or agreement", base=smollm2_bf16)
     output = result.stdout.str()
     assert failed(outcomes) == ["agreement::hf-vs-vllm[merged]", "integrity::generation_config",
                                 "integrity::generation_config_vs_base", "smollm2.yaml::capital[merged-hf]"], output
@@ -184,14 +156,14 @@ def test_eos_dropped_from_generation_config(pytester: pytest.Pytester, tmp_path:
 
 
 def test_eos_rewritten_in_generation_config_and_tokenizer_never_stops_on_vllm(
-        pytester: pytest.Pytester, tmp_path: Path, smollm2_base: Path, smollm2_merged: Path) -> None:
+        pytester: pytest.Pytester, tmp_path: Path, smollm2_bf16: Path, smollm2_shipped: Path) -> None:
     """GLM-4 #297 on SmolLM2: with the tokenizer's eos rewritten as well, vLLM has no
     <|im_end|> left to stop at either, and every chat answer runs to its budget."""
-    model = copy_model(smollm2_merged, tmp_path / "merged-eos-tokenizer")
+    model = copy_model(smollm2_shipped, tmp_path / "merged-eos-tokenizer")
     eos_rewritten_to_endoftext(model)
     tokenizer_eos_rewritten_to_endoftext(model)
     result, outcomes = run_plugin(pytester, model, "--llm-backend=vllm", "-k", "integrity or capital",
-                                  base=smollm2_base)
+                                  base=smollm2_bf16)
     output = result.stdout.str()
     assert outcomes["smollm2.yaml::capital[merged-vllm]"] == "FAILED", output
     capital = section(output, "capital[merged-vllm]")
@@ -200,14 +172,14 @@ def test_eos_rewritten_in_generation_config_and_tokenizer_never_stops_on_vllm(
     assert "TOK002" in section(output, "integrity::tokenizer_vs_base"), output
 
 
-def test_chat_template_lost(pytester: pytest.Pytester, tmp_path: Path, smollm2_base: Path,
-                            smollm2_merged: Path) -> None:
+def test_chat_template_lost(pytester: pytest.Pytester, tmp_path: Path, smollm2_bf16: Path,
+                            smollm2_shipped: Path) -> None:
     """LlamaFactory #8399: the chat template gone from the merged tokenizer files.  TOK004 fails,
     and every messages case fails because its prompt cannot be rendered."""
-    model = copy_model(smollm2_merged, tmp_path / "merged-no-template")
+    model = copy_model(smollm2_shipped, tmp_path / "merged-no-template")
     chat_template_deleted(model)
     result, outcomes = run_plugin(pytester, model, "--llm-backend=hf", "-k", "integrity or merged-hf",
-                                  base=smollm2_base)
+                                  base=smollm2_bf16)
     output = result.stdout.str()
     cases = ["capital[merged-hf]", "persona-en[merged-hf]", "persona-zh[merged-hf]"]
     assert failed(outcomes) == ["integrity::chat_template_vs_base", *sorted(f"smollm2.yaml::{c}" for c in cases)], \
@@ -217,19 +189,19 @@ def test_chat_template_lost(pytester: pytest.Pytester, tmp_path: Path, smollm2_b
         assert "no chat template" in section(output, case), output
 
 
-def test_one_shard_missing_from_a_sharded_save(pytester: pytest.Pytester, tmp_path: Path, smollm2_base: Path,
-                                               smollm2_merged_sharded: Path) -> None:
-    """mergekit #54/#107: a save killed part-way, one of six shards missing.  The healthy sharded
+def test_one_shard_missing_from_a_sharded_save(pytester: pytest.Pytester, tmp_path: Path, smollm2_bf16: Path,
+                                               smollm2_shipped_sharded: Path) -> None:
+    """mergekit #54/#107: a save killed part-way, one of several shards missing.  The healthy sharded
     save passes every integrity item; without its last shard weight_files fails with WGT002."""
-    shards = sorted(smollm2_merged_sharded.glob("model-*.safetensors"))
-    assert len(shards) >= 3 and (smollm2_merged_sharded / "model.safetensors.index.json").is_file()
-    result, outcomes = run_plugin(pytester, smollm2_merged_sharded, "-m", "llmmerge_integrity",
-                                  base=smollm2_base, suites=())
+    shards = sorted(smollm2_shipped_sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (smollm2_shipped_sharded / "model.safetensors.index.json").is_file()
+    result, outcomes = run_plugin(pytester, smollm2_shipped_sharded, "-m", "llmmerge_integrity",
+                                  base=smollm2_bf16, suites=())
     assert failed(outcomes) == [] and result.ret == 0, result.stdout.str()
 
-    model = copy_model(smollm2_merged_sharded, tmp_path / "merged-shard-missing")
+    model = copy_model(smollm2_shipped_sharded, tmp_path / "merged-shard-missing")
     shard_deleted(model)
-    result, outcomes = run_plugin(pytester, model, "-m", "llmmerge_integrity", base=smollm2_base, suites=())
+    result, outcomes = run_plugin(pytester, model, "-m", "llmmerge_integrity", base=smollm2_bf16, suites=())
     output = result.stdout.str()
     assert failed(outcomes) == ["integrity::weight_files"], output
     text = section(output, "integrity::weight_files")
