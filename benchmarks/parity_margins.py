@@ -67,7 +67,7 @@ def main() -> None:
     print("|" + "---|" * len(header), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in recipes:  # a row as soon as its run ends: the whole table takes a while
-            merged = bf16_merges.merge(base, lora, recipe)
+            merged = bf16_merges.merge(base, lora, recipe, fp32_base)
             verdict = "healthy" if recipe in bf16_merges.HEALTHY else "wrong"
             for nodeid, item in sorted(run_plugin(merged, base, lora, backends, Path(tmp)).items()):
                 if item["outcome"] == "skipped":

@@ -219,8 +219,14 @@ class CaseItem(pytest.Item):
             failure = CaseFailed(reasons, generation)
         settings = self.config.stash[SETTINGS_KEY]
         chain = get_chain(self.config)
+        verdict = None
         if self.variant == "merged" and chain.n and chain.base is not None:
-            failure.attribution = self._attribute()
+            verdict, failure.attribution = self._attribute()
+        if verdict == "base" and isinstance(self.parent, DefaultSuite):
+            # The built-in suite asks only what every healthy chat model does; a base that does
+            # not do it shows the case does not fit this model, not that the release regressed.
+            pytest.xfail(f"built-in case {self.case.id!r}: {failure.reasons[0]}; the base and the adapter-only "
+                         "model fail it too, so it says nothing about this merge")
         if settings.bisect and self.variant == "merged" and chain.n:
             failure.bisect = self._bisect(failure.reasons[0])
         raise failure from None
@@ -248,9 +254,10 @@ class CaseItem(pytest.Item):
         later = items[items.index(self) + 1:] if self in items else []
         return {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
 
-    def _attribute(self) -> list[str]:
+    def _attribute(self) -> tuple[str | None, list[str]]:
         """Run the case on the fine-tune unmerged (in the merged model's dtype) and, when that
-        fails too, on the base: the failure then says whether the merge or the fine-tune broke it."""
+        fails too, on the base: (merge | fine-tune | base, or None when it could not tell; the
+        lines the failure prints)."""
         from .plugin_state import compute_dtype
 
         chain, settings = get_chain(self.config), self.config.stash[SETTINGS_KEY]
@@ -276,11 +283,11 @@ class CaseItem(pytest.Item):
                     verdict = "fine-tune"
                     lines.append(f"  the base passes ({base_did}): the fine-tune broke it")
         except Exception as exc:  # a variant that cannot load must not hide the case's own failure
-            return [f"attribution could not finish: {type(exc).__name__}: {exc}"]
+            return None, [f"attribution could not finish: {type(exc).__name__}: {exc}"]
         finally:
             get_runner(self.config).keep_only(keep)
         self.user_properties += [("attribution", verdict), ("attribution_detail", " ".join(lines))]
-        return lines
+        return verdict, lines
 
     def _bisect(self, reason: str) -> list[str]:
         """Probe the chain's stages with this case to name the adapter that broke it."""

@@ -36,7 +36,9 @@ class Reporting:
         kind = next((k for k in _KINDS if f"llmmerge_{k}" in report.keywords), "test")
         given = {k: v for k, v in report.user_properties if k in ("variant", "backend")}
         message = None
-        if report.skipped and isinstance(report.longrepr, tuple):
+        if hasattr(report, "wasxfail"):
+            message = f"xfail: {report.wasxfail}"
+        elif report.skipped and isinstance(report.longrepr, tuple):
             message = str(report.longrepr[2]).removeprefix("Skipped: ")
         elif report.failed:
             message = report.longreprtext[:4000]

@@ -6,9 +6,13 @@ transformers and peft and saved, model and tokenizer, by `save_pretrained`:
 
 - ``base``: SmolLM2-135M-Instruct in bfloat16, as the model ships;
 - healthy recipes: ``peft-bf16`` (PEFT `merge_and_unload` on the bf16 base, the usual
-  notebook recipe) and ``fp32-cast`` (base upcast to float32, merged, cast back to bf16: what
-  Unsloth and axolotl do);
-- wrong merges, each one real mistake on top of the healthy fp32-cast recipe: ``scale-x2``
+  notebook recipe) and ``fp32-cast`` (merged in float32 into the float32 original the bf16
+  release was cast from, then cast to bf16: a lab that keeps its master weights in float32).
+  The two write different bytes: bf16(W32 + dW) and bf16(bf16(W32) + dW) round differently,
+  which is exactly the noise the gate must stay quiet about;
+- wrong merges, each one real mistake on top of the bf16 base upcast to float32 (what
+  Unsloth and axolotl do; PEFT sums in float32 too, so without a mistake it writes the
+  peft-bf16 bytes): ``scale-x2``
   (the LoRA scale applied twice), ``modules-skipped`` (o_proj and down_proj never merged, a
   module-name matching bug), ``base-4bit`` (merged into a base rounded to 4 bits per group of
   64, Unsloth-style "merge into the quantized base"), ``base-as-merged`` (the base saved as the
@@ -74,12 +78,17 @@ def _quantized_(model: Any) -> None:
                     module.weight.dtype)
 
 
-def _merge(base: Path, adapter: Path, recipe: str, out: Path) -> None:
+def _merge(base: Path, adapter: Path, recipe: str, out: Path, original: Path | None) -> None:
     import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    model, tokenizer = _load(base, "bfloat16" if recipe == "peft-bf16" else "float32")
+    if recipe == "fp32-cast":
+        if original is None:
+            raise ValueError("recipe 'fp32-cast' merges into the float32 original: pass original=")
+        model, tokenizer = _load(original, "float32")
+    else:
+        model, tokenizer = _load(base, "bfloat16" if recipe == "peft-bf16" else "float32")
     if recipe == "base-as-merged":
         _save(model.to(torch.bfloat16), tokenizer, out)
         return
@@ -101,12 +110,15 @@ def _merge(base: Path, adapter: Path, recipe: str, out: Path) -> None:
     _save(merged.to(torch.bfloat16), tokenizer, out)
 
 
-def merge(base: Path, adapter: Path, recipe: str, root: Path | None = None) -> Path:
-    """The bf16 checkpoint `recipe` makes from `base` (bf16) and `adapter`, built once and cached
-    under `root` (default: the real-model cache; pass it from outside a test that uses
-    pytester, which points HOME elsewhere)."""
+def merge(base: Path, adapter: Path, recipe: str, original: Path | None = None,
+          root: Path | None = None) -> Path:
+    """The bf16 checkpoint `recipe` makes from `base` (bf16) and `adapter` (fp32-cast: from
+    `original`, the float32 weights `base` was cast from), built once and cached under `root`
+    (default: the real-model cache; pass it from outside a test that uses pytester, which points
+    HOME elsewhere)."""
     if recipe not in HEALTHY + WRONG:
         raise ValueError(f"unknown recipe {recipe!r}")
-    key = realmodel_support.key_of(base.name, adapter.name, recipe, RECIPE_VERSION)
-    build: Callable[[Path], None] = lambda tmp: _merge(base, adapter, recipe, tmp)  # noqa: E731
+    key = realmodel_support.key_of(base.name, adapter.name, original.name if original else "", recipe,
+                                   RECIPE_VERSION)
+    build: Callable[[Path], None] = lambda tmp: _merge(base, adapter, recipe, tmp, original)  # noqa: E731
     return realmodel_support.build_once((root or realmodel_support.cache_root()) / f"bf16-{recipe}-{key}", build)

@@ -106,12 +106,13 @@ def smollm2_bf16(smollm2_base: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bf16_merged(smollm2_bf16: Path, smollm2_lora: Path) -> Callable[[str], Path]:
+def bf16_merged(smollm2_base: Path, smollm2_bf16: Path, smollm2_lora: Path) -> Callable[[str], Path]:
     """recipe of tests/bf16_merges.py -> its merge of the LoRA into the bf16 base, built once and
     cached where the session started (pytester points HOME elsewhere for each test)."""
     root = realmodel_support.cache_root()
     return lambda recipe: _timed(f"bf16 merge {recipe}",
-                                 lambda: bf16_merges.merge(smollm2_bf16, smollm2_lora, recipe, root))
+                                 lambda: bf16_merges.merge(smollm2_bf16, smollm2_lora, recipe,
+                                                                  smollm2_base, root))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ADAPTERS, BASE
+from conftest import ADAPTERS, BASE, MERGED
 
 # The fixture chain's second adapter answers 功能清单 prompts with a function name, 无法判断
 # when none fits; the base never learned that task.
@@ -57,4 +57,45 @@ def test_each_failure_names_the_merge_the_fine_tune_or_the_base(pytester: pytest
                                  "*the base passes*the fine-tune broke it"])
     # Nobody writes that text: the base already fails the case.
     assert items["impossible[merged-hf]"]["metrics"]["attribution"] == "base", output
+    assert items["impossible[merged-hf]"]["outcome"] == "failed", output  # the user's own case stays red
     result.stdout.fnmatch_lines(["*the base already fails this case and the fine-tune did not fix it"])
+
+
+def _never_stopping(source: Path, out: Path) -> Path:
+    """A copy of `source` whose eos ids name a token the fixtures never write: no answer ends."""
+    import shutil
+
+    shutil.copytree(source, out)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((out / name).read_text())
+        config["eos_token_id"] = 1000
+        (out / name).write_text(json.dumps(config))
+    return out
+
+
+def _greeting(pytester: pytest.Pytester, model: Path, base: Path, report: Path) -> tuple[pytest.RunResult, dict]:
+    result = pytester.runpytest_subprocess(
+        f"--llm-model={model}", f"--llm-base={base}", *(f"--llm-adapter={a}" for a in ADAPTERS), "--llm-backend=hf",
+        "-m", "llmmerge_suite", "-k", "chat-greeting", f"--llm-report={report}", "-p", "no:cacheprovider")
+    items = {i["nodeid"]: i for i in json.loads(report.read_text())["items"]}
+    return result, items["default-suite::chat-greeting[merged-hf]"]
+
+
+def test_built_in_case_the_base_fails_too_is_xfailed_not_failed(pytester: pytest.Pytester, tmp_path: Path,
+                                                                 broken: Callable[[str], Path]) -> None:
+    # The merge broke termination on a base that stops: the built-in case fails, blaming the merge.
+    result, greeting = _greeting(pytester, broken("eos_removed"), BASE, tmp_path / "broken.json")
+    output = result.stdout.str()
+    assert (greeting["outcome"], greeting["metrics"]["attribution"]) == ("failed", "merge"), output
+    # A base that never stops: the built-in suite's termination cases cannot hold for this model
+    # family, and the merge did not change that; a gate that failed here would fail every release.
+    base = _never_stopping(BASE, tmp_path / "base")
+    result, greeting = _greeting(pytester, _never_stopping(MERGED, tmp_path / "merged"), base,
+                                 tmp_path / "report.json")
+    output = result.stdout.str()
+    assert greeting["outcome"] == "skipped", output
+    assert greeting["metrics"]["attribution"] == "base", output
+    assert greeting["message"].startswith("xfail: built-in case 'chat-greeting'"), output
+    assert "the base and the adapter-only model fail it too" in greeting["message"], output
+    assert result.ret == 0, output
+    result.assert_outcomes(xfailed=1)
