@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ADAPTERS, BASE, MERGED
+from pytest_llmmerge.backends.base import Generation
 from pytest_llmmerge.merge import MergeSpec, build_merged
 
 # HF only: the same parity on vLLM is tested with the vLLM backend.
@@ -97,3 +98,28 @@ def test_half_precision_merges_pass_on_their_measured_noise_and_a_wrong_one_fail
     result = parity(pytester, wrong, f"--llm-stage={stage1}", "-k", "stage2")
     assert failed_items(result) == ["stage2[hf]"]
     result.stdout.fnmatch_lines([f"*mean per-token KL(float32 adapter-only || merged ({dtype}, hf))*> limit*"])
+
+
+def _gen(ids: tuple[int, ...], finish: str) -> Generation:
+    return Generation(text="", token_ids=ids, finish_reason=finish, stop_token_id=ids[-1] if finish == "stop" else None,
+                      seconds=0.0)
+
+
+@pytest.mark.parametrize(("a", "b", "differ"), [
+    # The same tokens through the stop token 9, then one engine goes on: stop sets differ.
+    (_gen((5, 6, 9), "stop"), _gen((5, 6, 9, 7, 7), "length"), True),
+    # ... also when the budget ran out exactly at that token.
+    (_gen((5, 6, 9), "stop"), _gen((5, 6, 9), "length"), True),
+    # The paths part before the stop (bf16 noise after batching), one ends in budget: not a
+    # termination finding; the divergence itself is judged by the top-k rule.
+    (_gen((5, 6, 9), "stop"), _gen((5, 8, 7, 7, 7), "length"), False),
+    # At the stop token itself one writes eos, the other another token: a near tie, top-k rule.
+    (_gen((5, 6, 9), "stop"), _gen((5, 6, 4, 4, 4), "length"), False),
+    (_gen((5, 6), "length"), _gen((5, 6), "length"), False),
+    (_gen((5, 9), "stop"), _gen((5, 6, 9), "stop"), False),
+])
+def test_termination_is_judged_only_on_the_same_path(a: Generation, b: Generation, differ: bool) -> None:
+    from pytest_llmmerge.parity import stop_sets_differ
+
+    assert stop_sets_differ(a, b) is differ
+    assert stop_sets_differ(b, a) is differ
