@@ -25,6 +25,9 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 CHAT_TEMPLATE_JSON = "chat_template.json"
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
+# The names transformers looks for, in that order: a single file wins over an index.
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
@@ -38,6 +41,10 @@ DTYPE_SIZES: dict[str, float] = {
 }
 # A real header is a few MB at most; a larger length prefix means the file is not safetensors.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Name endings of the input embedding and the output layer across architectures (multimodal
+# checkpoints nest the language model, so whole names do not work).
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
@@ -80,6 +87,24 @@ class SafetensorsHeader:
     def overruns(self) -> list[tuple[str, TensorInfo]]:
         """Tensors whose data would lie past the end of the file (a truncated file)."""
         return [(n, t) for n, t in self.tensors.items() if t.end > self.data_bytes]
+
+    def layout_problem(self) -> str | None:
+        """Why the safetensors library would refuse this layout, None when it would accept it.
+
+        The library requires the tensors, in offset order, to tile the data exactly: the first
+        starts at 0, each starts where the previous ends, the last ends at the end of the file.
+        Data past the end of the file is :meth:`overruns` (a truncation) and is not repeated here.
+        """
+        end = 0
+        for name, info in sorted(self.tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+            if info.begin < end:
+                return f"tensor {name!r} (bytes {info.begin}-{info.end}) overlaps the tensor before it (ends at {end})"
+            if info.begin > end:
+                return f"bytes {end}-{info.begin} before tensor {name!r} belong to no tensor"
+            end = info.end
+        if end < self.data_bytes:
+            return f"{self.data_bytes - end} byte(s) after the last tensor (data ends at {end}) belong to no tensor"
+        return None
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
@@ -216,9 +241,46 @@ class Checkpoint:
         value = self.config.get("dtype", self.config.get("torch_dtype"))
         return str(value) if value is not None else None
 
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The language model's config: `text_config` of a multimodal config, else the config itself."""
+        nested = self.config.get("text_config")
+        return nested if isinstance(nested, dict) else self.config
+
     def generation_eos_ids(self) -> set[int] | None:
-        """The eos ids generation stops at, or None when generation_config names none."""
+        """The eos ids generation_config.json names, or None when it names no valid ones."""
         return _id_set(self.generation_config.get("eos_token_id"))
+
+    def effective_eos_ids(self) -> set[int] | None:
+        """The eos ids generation stops at as transformers and vLLM resolve them: the ones in
+        generation_config.json when that file exists, else config.json's (both libraries then
+        build the generation config from the model config)."""
+        if self.json(GENERATION_CONFIG).exists:
+            return self.generation_eos_ids()
+        return _id_set(self.config.get("eos_token_id", self.text_config.get("eos_token_id")))
+
+    def architecture(self) -> dict[str, Any]:
+        """The config values that define shapes and positions, as transformers resolves them
+        whichever version wrote the file (v5 moved rope_theta into rope_parameters, writes head_dim
+        and drops defaults).  None where the file leaves a value to the model class."""
+        config = self.text_config
+        heads = _positive_int(config.get("num_attention_heads"))
+        hidden = _positive_int(config.get("hidden_size"))
+        head_dim = _positive_int(config.get("head_dim"))
+        if head_dim is None and hidden is not None and heads is not None:
+            head_dim = hidden // heads
+        tie = config.get("tie_word_embeddings", self.config.get("tie_word_embeddings"))
+        return {
+            "hidden_size": hidden,
+            "num_hidden_layers": _positive_int(config.get("num_hidden_layers")),
+            "num_attention_heads": heads,
+            # Absent means one key/value head per query head in every transformers model that has it.
+            "num_key_value_heads": _positive_int(config.get("num_key_value_heads")) or heads,
+            "intermediate_size": _positive_int(config.get("intermediate_size")),
+            "head_dim": head_dim,
+            "tie_word_embeddings": tie if isinstance(tie, bool) else None,
+            "rope": _rope_parameters(config),
+        }
 
     # --- tokenizer -------------------------------------------------------------------------
 
@@ -318,14 +380,53 @@ class Checkpoint:
     def index_files(self) -> list[str]:
         return sorted(n for n in self.files if n.endswith(SAFETENSORS_INDEX_SUFFIX))
 
+    @property
+    def index_file(self) -> str | None:
+        """The safetensors index of the model: model.safetensors.index.json, else the first other."""
+        if self.has(WEIGHTS_INDEX):
+            return WEIGHTS_INDEX
+        others = [n for n in self.index_files if not n.startswith("adapter_model")]
+        return others[0] if others else None
+
     def index_weight_map(self) -> dict[str, str] | None:
-        """tensor -> shard from the (first) safetensors index, None without a usable index."""
-        if not self.index_files:
+        """tensor -> shard from the safetensors index, None without a usable index."""
+        if self.index_file is None:
             return None
-        weight_map = self.json_object(self.index_files[0]).get("weight_map")
+        weight_map = self.json_object(self.index_file).get("weight_map")
         if not isinstance(weight_map, dict):
             return None
         return {str(k): str(v) for k, v in weight_map.items()}
+
+    def loaded_weight_files(self) -> list[str]:
+        """The safetensors files a loader reads, as transformers picks them: model.safetensors when
+        it exists, else the existing shards the index names.  With neither (an unloadable layout,
+        WGT004) every model weight file, so that their content is still checked."""
+        files = self.model_weight_files()
+        if WEIGHTS_FILE in files:
+            return [WEIGHTS_FILE]
+        weight_map = self.index_weight_map()
+        if weight_map is not None:
+            return sorted(set(weight_map.values()) & set(files))
+        return files
+
+    def stray_weight_files(self) -> list[str]:
+        """Model weight files no loader reads (leftovers, other formats such as consolidated.safetensors)."""
+        loaded = set(self.loaded_weight_files())
+        return [n for n in self.model_weight_files() if n not in loaded]
+
+    def tensor_locations(self) -> dict[str, tuple[str, TensorInfo]]:
+        """tensor -> (file, info) for what the loader reads: with an index, each tensor from the
+        shard the index names for it (a copy in another file is never read)."""
+        weight_map = self.index_weight_map() if WEIGHTS_FILE not in self.files else None
+        out: dict[str, tuple[str, TensorInfo]] = {}
+        for shard in self.loaded_weight_files():
+            header = self.header(shard)
+            if not isinstance(header, SafetensorsHeader):
+                continue
+            for name, info in header.tensors.items():
+                if weight_map is None or weight_map.get(name) == shard:
+                    out[name] = (shard, info)
+        return out
 
     def header(self, name: str) -> SafetensorsHeader | HeaderError:
         if name not in self._headers:
@@ -342,18 +443,13 @@ class Checkpoint:
         return [n for n in self.safetensors_files if not n.startswith("adapter_model")]
 
     def tensor_shapes(self) -> dict[str, TensorInfo]:
-        """Every tensor whose header could be read; tensors in broken shards are absent."""
-        out: dict[str, TensorInfo] = {}
-        for name in self.model_weight_files():
-            header = self.header(name)
-            if isinstance(header, SafetensorsHeader):
-                out.update(header.tensors)
-        return out
+        """Every tensor the loader reads whose header could be read; tensors in broken shards are absent."""
+        return {name: info for name, (_, info) in self.tensor_locations().items()}
 
     def tensor_names(self) -> set[str]:
-        """Tensor names the checkpoint declares: the index where there is one, else headers."""
+        """Tensor names the loader expects: the index's where it is used, else the headers'."""
         names = set(self.tensor_shapes())
-        weight_map = self.index_weight_map()
+        weight_map = self.index_weight_map() if WEIGHTS_FILE not in self.files else None
         if weight_map is not None:
             names |= set(weight_map)
         return names
@@ -373,19 +469,46 @@ class Checkpoint:
     def embedding_rows(self) -> int | None:
         """Rows of the input embedding matrix, from the headers."""
         for name, info in self.tensor_shapes().items():
-            if name.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) and info.shape:
+            if name.endswith(EMBEDDING_SUFFIXES) and info.shape:
                 return info.shape[0]
         return None
 
 
 def _id_set(value: Any) -> set[int] | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return {value}
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return set(value)
+    """A token id or list of ids as a set; None unless every id is a non-negative integer."""
+    ids = value if isinstance(value, list) else [value]
+    if ids and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+        return set(ids)
     return None
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _rope_parameters(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """Rotary-embedding parameters per attention layer type ("" when one set serves all), from
+    wherever the writing version put them: v4's top-level rope_theta and rope_scaling, v5's
+    rope_parameters (flat, or one dict per layer type).  None when no rope setting is stated."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        layers = {str(k): dict(v) for k, v in params.items()}
+    else:
+        layers = {"": dict(params) if isinstance(params, dict) else {}}
+    legacy = config.get("rope_scaling")
+    for values in layers.values():
+        for key, value in (legacy.items() if isinstance(legacy, dict) else ()):
+            values.setdefault(key, value)
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in config:
+                values.setdefault(key, config[key])
+        if "type" in values:  # v4's older spelling
+            values.setdefault("rope_type", values.pop("type"))
+    if not any(values for values in layers.values()):
+        return None
+    for values in layers.values():
+        values.setdefault("rope_type", "default")
+    return layers
 
 
 def _token_content(value: Any) -> str:

@@ -19,8 +19,11 @@ def _cell(text: str) -> str:
 
 def codes_table() -> str:
     owner = {code: f"{check.group}::{check.name}" for check in ALL_CHECKS for code in check.codes}
-    rows = ["| code | item | what it flags | field failure it catches |", "|---|---|---|---|"]
-    rows += [f"| {code} | `{owner[code]}` | {_cell(what)} | {_cell(story)} |" for code, (what, story) in CODES.items()]
+    rows = ["| code | severity | item | what it flags | field failure it catches |", "|---|---|---|---|---|"]
+    for code, (what, story) in CODES.items():
+        severity = "warning" if what.startswith("warning: ") else "error"
+        rows.append(f"| {code} | {severity} | `{owner[code]}` | {_cell(what.removeprefix('warning: '))} | "
+                    f"{_cell(story)} |")
     return "\n".join(rows)
 
 

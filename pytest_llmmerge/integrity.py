@@ -18,10 +18,14 @@ from typing import Any, Literal
 from . import chat_template
 from .checkpoint import (
     CONFIG,
+    EMBEDDING_SUFFIXES,
     GENERATION_CONFIG,
+    LM_HEAD_SUFFIXES,
+    SAFETENSORS_INDEX_SUFFIX,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     TOKENIZER_MODEL_FILES,
+    WEIGHTS_FILE,
     Checkpoint,
     HeaderError,
     SafetensorsHeader,
@@ -42,9 +46,13 @@ CODES: dict[str, tuple[str, str]] = {
     "CFG005": ("tokenizer has token ids beyond the embedding rows",
                "added tokens without resized embeddings: vLLM size mismatch 128320 vs 128256 (LlamaFactory #7997)"),
     "CFG006": ("warning: dtype in config.json differs from the base", "a legitimate save in another dtype, shown for review"),
-    "CFG007": ("shape-defining config fields differ from the base (hidden size, layers, heads, tie_word_embeddings, ...)",
+    "CFG007": ("shape- or position-defining config values differ from the base, as transformers resolves them "
+               "(hidden size, layers, heads, head_dim, rope parameters, tie_word_embeddings)",
                "a config that no longer describes the weights (transformers #45127)"),
-    "GEN001": ("generation_config.json missing or unreadable",
+    "CFG008": ("warning: a config value the model or the base leaves to the model class's default, or a "
+               "context length (max_position_embeddings) that differs from the base",
+               "transformers 5 writes head_dim, rope_parameters and dtype where 4.x wrote rope_theta and torch_dtype"),
+    "GEN001": ("generation_config.json unreadable, or missing while config.json names no eos id either",
                "mergekit #275: merge output without generation_config.json, vLLM never stops"),
     "GEN002": ("generation_config.json empty or without eos_token_id",
                "NeMo Automodel #3890: an empty {} generation_config.json was written"),
@@ -56,24 +64,35 @@ CODES: dict[str, tuple[str, str]] = {
                "chat answers never stop (LlamaFactory #7454, unsloth #5386)"),
     "GEN006": ("warning: other generation defaults differ from the base",
                "vLLM takes default sampling parameters from generation_config.json (vLLM PR #11164)"),
+    "GEN007": ("warning: no generation_config.json; transformers and vLLM take eos from config.json "
+               "(its ids are then checked like the file's)",
+               "older models ship none; a merge that lost it while the base has one is caught by GEN003/GEN005"),
     "TOK001": ("tokenizer files missing or not valid JSON", "an interrupted merge writes the tokenizer last"),
-    "TOK002": ("special tokens differ from the base", "eos/pad rewritten after chat fine-tuning (unsloth #5386)"),
-    "TOK003": ("added tokens differ from the base",
+    "TOK002": ("the bos or eos token differs from the base (they change how prompts are encoded and where "
+               "generation stops)", "eos rewritten after chat fine-tuning (unsloth #5386)"),
+    "TOK003": ("added tokens of the base missing or with another id or content",
                "transformers v5 save dropped added_tokens_decoder (NeMo Automodel PR #2653)"),
     "TOK004": ("chat template missing while the base has one", "LlamaFactory #8399: chat template lost on save"),
     "TOK005": ("chat template renders a sample conversation differently from the base",
                "a template replaced or edited during fine-tuning"),
     "TOK006": ("chat template fails to render where the base's renders", "a template broken on save"),
+    "TOK007": ("warning: the pad token or another special token that does not change generation differs from "
+               "the base", "SFT recipes set pad = eos or add a <pad> token"),
+    "TOK008": ("warning: tokens added beyond the base's vocabulary", "a pad or chat token added with resized "
+               "embeddings (LlamaFactory #7997); CFG005 fails it when the embeddings were not resized"),
     "WGT001": ("no weight files", "a merge that died before writing any shard"),
     "WGT002": ("the index names a shard file that is missing", "one shard lost or never written"),
-    "WGT003": ("warning: a safetensors file the index does not name", "a leftover shard from an earlier save"),
+    "WGT003": ("warning: a safetensors file no loader reads (not model.safetensors, not named by the index)",
+               "a leftover shard from an earlier save, or consolidated.safetensors beside the HF shards"),
     "WGT004": ("shards not loadable by name: several shards without an index, or a single file not named model.safetensors",
                "mergekit writes model-N.safetensors first and renames and indexes at the end (mergekit #54, #107)"),
-    "WGT005": ("safetensors header or index unreadable", "a corrupted or partially written file"),
+    "WGT005": ("safetensors header or index unreadable, or an index that maps no tensor",
+               "a corrupted or partially written file"),
     "WGT006": ("a tensor's data lies past the end of its file", "a shard truncated by a killed writer or a full disk"),
-    "WGT007": ("tensor names differ from the base (missing or extra)",
+    "WGT007": ("the tensors the loader reads differ by name from the base's (missing or extra)",
                "a trained lm_head dropped at merge (unsloth PR #9331), tied embeddings split"),
-    "WGT008": ("tensor shapes differ from the base", "resized embeddings or a wrong base"),
+    "WGT008": ("tensor shapes differ from the base (other than embedding rows added for new tokens, WGT021)",
+               "a wrong base, or embeddings resized without the tokens that need them"),
     "WGT009": ("warning: tensor dtypes differ from the base", "a legitimate save in another dtype, shown for review"),
     "WGT010": ("LoRA leftovers in the weights (lora_A/lora_B/base_layer/modules_to_save keys)",
                "an adapter saved instead of merged: loaders ignore the keys and the fine-tune is lost"),
@@ -92,6 +111,14 @@ CODES: dict[str, tuple[str, str]] = {
                "a merge with the wrong scale or the wrong adapter"),
     "WGT018": ("every tensor is bit-identical to the base although adapters were merged",
                "the \"merged\" save holds only the base weights (unsloth #1352)"),
+    "WGT019": ("tensor byte ranges overlap, leave gaps, or leave bytes after the last tensor: safetensors "
+               "refuses to load the file", "a shard written by a broken or interrupted writer"),
+    "WGT020": ("the index and the files disagree in a way that drops weights: an index that maps no tensor, "
+               "a shard of this save the index leaves out, or model.safetensors beside an index",
+               "transformers initialises the tensors it does not find at random; vLLM reads the index, "
+               "transformers model.safetensors"),
+    "WGT021": ("warning: embedding rows added for tokens added beyond the base's vocabulary",
+               "a pad or chat token added with resized embeddings; shown for review"),
     "MRG001": ("a tensor lost more than --llm-audit-max-error of the adapters' float32 update, beyond what rounding "
                "to the candidate's own storage dtype forces (with --llm-audit-merge)",
                "adapter fine, merged model worse: a merge rounded through bfloat16/float16 (peft #1388, unsloth #1267)"),
@@ -109,11 +136,9 @@ CODES: dict[str, tuple[str, str]] = {
 
 LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
                        r"modules_to_save|original_module)(\.|$)")
-# Config fields that decide tensor shapes or how weights are wired.
-# vocab_size is left to CFG004 (config vs weights) and WGT008 (weights vs base).
-_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size", "head_dim", "tie_word_embeddings",
-                 "max_position_embeddings", "rope_theta")
+# Special-token roles that change generation: bos is put into every prompt, eos is where it
+# stops.  The others (pad, unk, sep, ...) are changed by ordinary SFT recipes.
+_GENERATION_ROLES = ("bos_token", "eos_token")
 _GEN_IGNORED = {"transformers_version", "eos_token_id", "_from_model_config"}
 
 
@@ -218,10 +243,20 @@ def check_config_vs_base(ctx: Context) -> list[Finding]:
         if model.config.get(key) != base.config.get(key):
             findings.append(Finding(code, "error", f"{key} is {model.config.get(key)!r}, base has "
                                     f"{base.config.get(key)!r}", CONFIG))
-    changed = [f"{k}: base {base.config.get(k)!r}, model {model.config.get(k)!r}"
-               for k in _SHAPE_FIELDS if model.config.get(k) != base.config.get(k)]
+    mine, theirs = model.architecture(), base.architecture()
+    differ = [k for k in mine if mine[k] != theirs[k]]
+    changed = [f"{k}: base {theirs[k]!r}, model {mine[k]!r}" for k in differ
+               if mine[k] is not None and theirs[k] is not None]
     if changed:
-        findings.append(Finding("CFG007", "error", "fields differ from the base: " + "; ".join(changed), CONFIG))
+        findings.append(Finding("CFG007", "error", "values differ from the base (as transformers resolves them, "
+                                "whichever version wrote the file): " + "; ".join(changed), CONFIG))
+    notes = [f"{k}: base {theirs[k]!r}, model {mine[k]!r} (one side leaves it to the model class's default)"
+             for k in differ if mine[k] is None or theirs[k] is None]
+    length, base_length = (c.text_config.get("max_position_embeddings") for c in (model, base))
+    if length != base_length:
+        notes.append(f"max_position_embeddings: base {base_length!r}, model {length!r}")
+    if notes:
+        findings.append(Finding("CFG008", "warning", "; ".join(notes), CONFIG))
     if model.config_dtype != base.config_dtype:
         findings.append(Finding("CFG006", "warning", f"dtype is {model.config_dtype!r}, base has "
                                 f"{base.config_dtype!r}", CONFIG))
@@ -246,39 +281,52 @@ def _eos_gap_severity(ctx: Context, token: str, eos_of: Callable[[Checkpoint], s
 def check_generation_config(ctx: Context) -> list[Finding]:
     model = ctx.model
     gen = model.json(GENERATION_CONFIG)
+    eos = model.effective_eos_ids()
+    findings = []
     if not gen.exists:
-        return [Finding("GEN001", "error", "generation_config.json is missing: HF generate and vLLM lose the "
-                        "model's eos ids and may never stop", GENERATION_CONFIG)]
-    if gen.error:
+        if eos is None:
+            return [Finding("GEN001", "error", "generation_config.json is missing and config.json names no valid "
+                            f"eos_token_id (found {model.config.get('eos_token_id')!r}): HF generate and vLLM "
+                            "have no eos id and never stop", GENERATION_CONFIG)]
+        findings.append(Finding("GEN007", "warning", f"generation_config.json is missing: transformers and vLLM "
+                                f"stop at config.json's eos_token_id {_ids(model, eos)} and use their own "
+                                "sampling defaults", GENERATION_CONFIG))
+    elif gen.error:
         return [Finding("GEN001", "error", f"generation_config.json {gen.error}", GENERATION_CONFIG)]
-    eos = model.generation_eos_ids()
-    if not isinstance(gen.value, dict) or not gen.value:
+    elif not isinstance(gen.value, dict) or not gen.value:
         return [Finding("GEN002", "error", "generation_config.json is empty: no eos ids to stop at",
                         GENERATION_CONFIG)]
-    if eos is None:
+    elif eos is None:
         return [Finding("GEN002", "error", f"generation_config.json has no valid eos_token_id "
-                        f"(found {gen.value.get('eos_token_id')!r})", GENERATION_CONFIG)]
-    findings = []
+                        f"(found {gen.value.get('eos_token_id')!r}; ids are non-negative integers)",
+                        GENERATION_CONFIG)]
+    assert eos is not None
     tokenizer_eos = model.tokenizer_eos()
     if tokenizer_eos is not None:
         content, token_id = tokenizer_eos
         if token_id is not None and token_id not in eos:
-            severity = _eos_gap_severity(ctx, content, Checkpoint.generation_eos_ids,
+            severity = _eos_gap_severity(ctx, content, Checkpoint.effective_eos_ids,
                                          lambda c: (c.tokenizer_eos() or ("", None))[0])
             findings.append(Finding("GEN004", severity,
                                     f"tokenizer eos {_tok(model, token_id)} is not in eos_token_id "
-                                    f"{_ids(model, eos)}: vLLM stops at it, HF generate does not. Fix: add "
-                                    f"{token_id} to eos_token_id in generation_config.json", GENERATION_CONFIG))
+                                    f"{_ids(model, eos)}: vLLM stops at it, HF generate does not. {_eos_fix(model, token_id)}",
+                                    GENERATION_CONFIG))
     end_of_turn = _end_of_turn(model)
     if end_of_turn is not None:
         token_id = model.token_ids.get(end_of_turn)
         if token_id is not None and token_id not in eos:
-            severity = _eos_gap_severity(ctx, end_of_turn, Checkpoint.generation_eos_ids, _end_of_turn)
+            severity = _eos_gap_severity(ctx, end_of_turn, Checkpoint.effective_eos_ids, _end_of_turn)
             findings.append(Finding("GEN005", severity,
                                     f"the chat template ends assistant turns with {_tok(model, token_id)} but "
-                                    f"eos_token_id is {_ids(model, eos)}: chat answers will not stop. Fix: add "
-                                    f"{token_id} to eos_token_id in generation_config.json", GENERATION_CONFIG))
+                                    f"eos_token_id is {_ids(model, eos)}: chat answers will not stop. {_eos_fix(model, token_id)}",
+                                    GENERATION_CONFIG))
     return findings
+
+
+def _eos_fix(model: Checkpoint, token_id: int) -> str:
+    if model.has(GENERATION_CONFIG):
+        return f"Fix: add {token_id} to eos_token_id in {GENERATION_CONFIG}"
+    return f"Fix: write a {GENERATION_CONFIG} (the base's, if it has one) whose eos_token_id holds {token_id}"
 
 
 def _end_of_turn(ckpt: Checkpoint) -> str | None:
@@ -292,18 +340,21 @@ def _end_of_turn(ckpt: Checkpoint) -> str | None:
 def check_generation_config_vs_base(ctx: Context) -> list[Finding]:
     base = ctx.require_base()
     model = ctx.model
-    eos, base_eos = model.generation_eos_ids(), base.generation_eos_ids()
+    eos, base_eos = model.effective_eos_ids(), base.effective_eos_ids()
     if eos is None:
-        raise CheckSkipped("the model's generation_config.json has no eos ids (see GEN001/GEN002)")
+        raise CheckSkipped("the model has no valid eos ids (see GEN001/GEN002)")
     if base_eos is None:
-        raise CheckSkipped("the base's generation_config.json has no eos ids to compare with")
+        raise CheckSkipped("the base has no valid eos ids to compare with")
     findings = []
     lost = base_eos - eos
     if lost:
         findings.append(Finding("GEN003", "error",
                                 f"eos_token_id {_ids(model, eos)} lacks the base's {_ids(base, lost)}: "
-                                f"generation will not stop there. Fix: restore eos_token_id "
-                                f"{sorted(base_eos)} from the base", GENERATION_CONFIG))
+                                f"generation will not stop there. " + (
+                                    f"Fix: restore eos_token_id {sorted(base_eos)} from the base"
+                                    if model.has(GENERATION_CONFIG) else
+                                    f"Fix: write a {GENERATION_CONFIG} (the base's) with eos_token_id "
+                                    f"{sorted(base_eos)}"), GENERATION_CONFIG))
     changed = [f"{k}: base {base.generation_config.get(k)!r}, model {model.generation_config.get(k)!r}"
                for k in sorted(set(base.generation_config) | set(model.generation_config))
                if k not in _GEN_IGNORED and base.generation_config.get(k) != model.generation_config.get(k)]
@@ -342,20 +393,35 @@ def check_tokenizer_vs_base(ctx: Context) -> list[Finding]:
         raise CheckSkipped("the base's tokenizer files are incomplete")
     findings = []
     mine, theirs = model.special_tokens(), base.special_tokens()
-    changed = [f"{k}: base {theirs.get(k)!r}, model {mine.get(k)!r}"
-               for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    if changed:
-        findings.append(Finding("TOK002", "error", "special tokens differ from the base: " + "; ".join(changed),
-                                TOKENIZER_CONFIG))
-    added = {(t["id"], t["content"], t["special"]) for t in model.added_tokens()}
-    base_added = {(t["id"], t["content"], t["special"]) for t in base.added_tokens()}
-    if added != base_added:
-        lost = sorted(base_added - added)
-        new = sorted(added - base_added)
-        findings.append(Finding("TOK003", "error", f"added tokens differ from the base: missing {lost[:5]}"
-                                f"{' ...' if len(lost) > 5 else ''}; new {new[:5]}{' ...' if len(new) > 5 else ''}",
-                                TOKENIZER_JSON))
+    changed = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    by_severity: tuple[tuple[Severity, str, list[str]], ...] = (
+        ("error", "TOK002", [k for k in changed if k in _GENERATION_ROLES]),
+        ("warning", "TOK007", [k for k in changed if k not in _GENERATION_ROLES]))
+    for severity, code, roles in by_severity:
+        if roles:
+            findings.append(Finding(code, severity, "special tokens differ from the base: " + "; ".join(
+                f"{k}: base {theirs.get(k)!r}, model {mine.get(k)!r}" for k in roles), TOKENIZER_CONFIG))
+    # An added token is its id and content; its `special` flag is rewritten by some saves and
+    # does not change encoding of ordinary text.
+    added = {t["id"]: t["content"] for t in model.added_tokens()}
+    base_added = {t["id"]: t["content"] for t in base.added_tokens()}
+    # Added tokens are matched whole before the tokenizer model runs: one that is only in the
+    # vocabulary any more is split into pieces, and chat prompts are encoded differently.
+    lost = sorted((i, c) for i, c in base_added.items() if added.get(i) != c)
+    if lost:
+        findings.append(Finding("TOK003", "error", f"{len(lost)} added token(s) of the base are missing or "
+                                f"changed: {_listed_pairs(lost, added)}", TOKENIZER_JSON))
+    vocab = set(base.token_ids.values())
+    new = sorted((i, c) for i, c in added.items() if i not in base_added and i not in vocab)
+    if new:
+        findings.append(Finding("TOK008", "warning", f"{len(new)} token(s) added beyond the base's vocabulary: "
+                                f"{new[:5]}{' ...' if len(new) > 5 else ''}", TOKENIZER_JSON))
     return findings
+
+
+def _listed_pairs(lost: list[tuple[int, str]], now: dict[int, str]) -> str:
+    shown = [f"{i} {c!r} (now {now[i]!r})" if i in now else f"{i} {c!r}" for i, c in lost[:5]]
+    return ", ".join(shown) + (" ..." if len(lost) > 5 else "")
 
 
 def check_chat_template_vs_base(ctx: Context) -> list[Finding]:
@@ -390,9 +456,15 @@ def check_weight_files(ctx: Context) -> list[Finding]:
             raise CheckSkipped("weights are pickle files only; header checks need safetensors (see SAF001)")
         return [Finding("WGT001", "error", "no weight files (*.safetensors) in the checkpoint", "model.safetensors")]
     findings: list[Finding] = []
-    indexes = model.index_files
-    if indexes:
-        findings += _check_index(model, indexes[0], shards)
+    index = model.index_file
+    if WEIGHTS_FILE in shards:
+        if index is not None:
+            findings.append(Finding("WGT020", "error", f"{WEIGHTS_FILE} lies beside {index}: transformers loads "
+                                    f"{WEIGHTS_FILE}, vLLM the shards the index names, so the two serve different "
+                                    "weights. Fix: remove whichever is left from an earlier save", index))
+        findings += _strays(model, "transformers reads model.safetensors")
+    elif index is not None:
+        findings += _check_index(model, index, shards)
     elif len(shards) > 1:
         findings.append(Finding("WGT004", "error", f"{len(shards)} safetensors files ({', '.join(shards[:4])}"
                                 f"{', ...' if len(shards) > 4 else ''}) but no model.safetensors.index.json: "
@@ -400,11 +472,15 @@ def check_weight_files(ctx: Context) -> list[Finding]:
     elif shards[0] != "model.safetensors":
         findings.append(Finding("WGT004", "error", f"single weight file {shards[0]} without an index: loaders "
                                 "look for model.safetensors", shards[0]))
-    for name in shards:
+    for name in model.loaded_weight_files():
         header = model.header(name)
         if isinstance(header, HeaderError):
             findings.append(Finding("WGT005", "error", f"header unreadable: {header}", name))
             continue
+        layout = header.layout_problem()
+        if layout is not None:
+            findings.append(Finding("WGT019", "error", f"{layout}: the safetensors library refuses to load "
+                                    "the file", name))
         overruns = header.overruns()
         if overruns:
             last = max(overruns, key=lambda item: item[1].end)
@@ -421,15 +497,17 @@ def _check_index(model: Checkpoint, index: str, shards: list[str]) -> list[Findi
     if weight_map is None:
         reason = model.json(index).error or "has no weight_map object"
         return [Finding("WGT005", "error", f"index {reason}", index)]
+    if not weight_map:
+        return [Finding("WGT020", "error", f"{index} maps no tensor: loaders read no weights from this "
+                        "checkpoint and initialise the model at random", index)]
     by_shard: dict[str, set[str]] = {}
     for tensor, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(tensor)
     for shard in sorted(set(by_shard) - set(shards)):
         findings.append(Finding("WGT002", "error", f"{index} names {shard} ({len(by_shard[shard])} tensors) "
                                 "but the file is missing", shard))
-    for shard in sorted(set(shards) - set(by_shard)):
-        findings.append(Finding("WGT003", "warning", f"{shard} is not named in {index}: loaders ignore it", shard))
-    prefix = index[: -len(".safetensors.index.json")]
+    prefix = index[: -len(SAFETENSORS_INDEX_SUFFIX)]
+    findings += _strays(model, f"it is not named in {index}", shard_of_save=(prefix, set(weight_map)))
     parts = [shard_name_parts(s) for s in by_shard]
     totals = {p[2] for p in parts if p is not None}
     if any(p is None or p[0] != prefix for p in parts) or len(totals) > 1 or (totals and totals != {len(by_shard)}):
@@ -445,6 +523,25 @@ def _check_index(model: Checkpoint, index: str, shards: list[str]) -> list[Findi
             findings.append(Finding("WGT011", "error", f"{index} and the header of {shard} disagree: "
                                     f"{len(missing)} indexed tensor(s) not in the shard {missing[:3]}, "
                                     f"{len(extra)} tensor(s) in the shard not indexed {extra[:3]}", shard))
+    return findings
+
+
+def _strays(model: Checkpoint, why: str, shard_of_save: tuple[str, set[str]] | None = None) -> list[Finding]:
+    """WGT003 for weight files no loader reads; WGT020 for one that is evidently a shard of this
+    save (the index's own name pattern) holding tensors the index lacks: those are lost."""
+    findings = []
+    for stray in model.stray_weight_files():
+        parts = shard_name_parts(stray)
+        header = model.header(stray)
+        if shard_of_save is not None and parts is not None and parts[0] == shard_of_save[0] \
+                and isinstance(header, SafetensorsHeader):
+            lost = sorted(set(header.tensors) - shard_of_save[1])
+            if lost:
+                findings.append(Finding("WGT020", "error", f"{stray} is a shard of this save but {why}: its "
+                                        f"{len(lost)} tensor(s) {lost[:3]} are not loaded and loaders initialise "
+                                        "them at random. Fix: add them to the index's weight_map", stray))
+                continue
+        findings.append(Finding("WGT003", "warning", f"{stray} is not read by loaders: {why}", stray))
     return findings
 
 
@@ -468,8 +565,14 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
                                 f"{missing[:4]}, {len(extra)} extra {extra[:4]}", _weights_file(model)))
     shapes, base_shapes = model.tensor_shapes(), base.tensor_shapes()
     common = sorted(set(shapes) & set(base_shapes))
+    differ = [n for n in common if shapes[n].shape != base_shapes[n].shape]
+    grown = [n for n in differ if _vocabulary_grown(model, n, shapes[n].shape, base_shapes[n].shape)]
+    if grown:
+        findings.append(Finding("WGT021", "warning", f"embedding rows added for new tokens: " + "; ".join(
+            f"{n}: base {base_shapes[n].shape[0]} rows, model {shapes[n].shape[0]}" for n in grown),
+            _weights_file(model)))
     reshaped = [f"{n}: base {list(base_shapes[n].shape)}, model {list(shapes[n].shape)}"
-                for n in common if shapes[n].shape != base_shapes[n].shape]
+                for n in differ if n not in grown]
     if reshaped:
         findings.append(Finding("WGT008", "error", f"{len(reshaped)} tensor shape(s) differ from the base: "
                                 + "; ".join(reshaped[:4]), _weights_file(model)))
@@ -481,8 +584,21 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
     return findings
 
 
+def _vocabulary_grown(model: Checkpoint, name: str, shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
+    """An embedding or output matrix with rows added and nothing else changed, where the model's
+    tokenizer has tokens beyond the base's rows: resize_token_embeddings after adding tokens."""
+    if not name.endswith(EMBEDDING_SUFFIXES + LM_HEAD_SUFFIXES) or len(shape) != 2 or len(base_shape) != 2:
+        return False
+    if shape[1] != base_shape[1] or shape[0] <= base_shape[0]:
+        return False
+    needed = model.tokenizer_rows_needed()
+    return needed is not None and base_shape[0] < needed <= shape[0]
+
+
 def _weights_file(ckpt: Checkpoint) -> str:
-    return ckpt.index_files[0] if ckpt.index_files else (ckpt.model_weight_files() or ["model.safetensors"])[0]
+    if ckpt.index_file is not None and WEIGHTS_FILE not in ckpt.files:
+        return ckpt.index_file
+    return (ckpt.loaded_weight_files() or [WEIGHTS_FILE])[0]
 
 
 def check_lora_leftovers(ctx: Context) -> list[Finding]:
@@ -526,15 +642,15 @@ def check_safety(ctx: Context) -> list[Finding]:
 
 CHECKS: tuple[Check, ...] = (
     Check("config", ("CFG001", "CFG004", "CFG005"), False, check_config),
-    Check("config_vs_base", ("CFG002", "CFG003", "CFG006", "CFG007"), True, check_config_vs_base),
-    Check("generation_config", ("GEN001", "GEN002", "GEN004", "GEN005"), False, check_generation_config),
+    Check("config_vs_base", ("CFG002", "CFG003", "CFG006", "CFG007", "CFG008"), True, check_config_vs_base),
+    Check("generation_config", ("GEN001", "GEN002", "GEN004", "GEN005", "GEN007"), False, check_generation_config),
     Check("generation_config_vs_base", ("GEN003", "GEN006"), True, check_generation_config_vs_base),
     Check("tokenizer", ("TOK001",), False, check_tokenizer),
-    Check("tokenizer_vs_base", ("TOK002", "TOK003"), True, check_tokenizer_vs_base),
+    Check("tokenizer_vs_base", ("TOK002", "TOK003", "TOK007", "TOK008"), True, check_tokenizer_vs_base),
     Check("chat_template_vs_base", ("TOK004", "TOK005", "TOK006"), True, check_chat_template_vs_base),
-    Check("weight_files", ("WGT001", "WGT002", "WGT003", "WGT004", "WGT005", "WGT006", "WGT011"), False,
-          check_weight_files),
-    Check("weights_vs_base", ("WGT007", "WGT008", "WGT009"), True, check_weights_vs_base),
+    Check("weight_files", ("WGT001", "WGT002", "WGT003", "WGT004", "WGT005", "WGT006", "WGT011", "WGT019",
+                           "WGT020"), False, check_weight_files),
+    Check("weights_vs_base", ("WGT007", "WGT008", "WGT009", "WGT021"), True, check_weights_vs_base),
     Check("lora_leftovers", ("WGT010", "WGT012"), False, check_lora_leftovers),
     Check("safety", ("SAF001", "SAF002"), False, check_safety),
 )

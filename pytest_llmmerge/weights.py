@@ -28,7 +28,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CONFIG, Checkpoint, HeaderError, SafetensorsHeader, TensorInfo
+from .checkpoint import (
+    CONFIG,
+    EMBEDDING_SUFFIXES,
+    LM_HEAD_SUFFIXES,
+    Checkpoint,
+    HeaderError,
+    SafetensorsHeader,
+    TensorInfo,
+)
 from .integrity import LORA_KEY, Check, CheckSkipped, Context, Finding
 
 if TYPE_CHECKING:
@@ -37,8 +45,6 @@ if TYPE_CHECKING:
 # 1 Mi elements: 8 MiB for the widest (F64) raw chunk; a handful of such arrays live at once.
 CHUNK_ELEMENTS = 1 << 20
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
-_LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 _LAYER = re.compile(r"^(?P<group>.*?\blayers?\.\d+)\.")
 SCAN_KEY = "weights.scan"
 
@@ -178,21 +184,20 @@ def read_whole(ckpt: Checkpoint, shard: str, name: str) -> np.ndarray[Any, Any]:
 
 
 def locations(ckpt: Checkpoint) -> tuple[dict[str, tuple[str, SafetensorsHeader, TensorInfo]], dict[str, str]]:
-    """tensor -> (shard, header, info) for readable shards; tensor -> reason for the rest."""
+    """tensor -> (shard, header, info) for what the loader reads, from readable shards; tensor ->
+    reason for the rest.  Files no loader reads (WGT003) are never looked at: a stale shard must
+    not stand in for the one the index names."""
     found: dict[str, tuple[str, SafetensorsHeader, TensorInfo]] = {}
     unread: dict[str, str] = {}
-    for shard in ckpt.model_weight_files():
+    for name, (shard, info) in ckpt.tensor_locations().items():
         header = ckpt.header(shard)
-        if isinstance(header, HeaderError):
-            continue  # WGT005 names the shard; its tensors are unknown
-        overrun = {name for name, _ in header.overruns()}
-        for name, info in header.tensors.items():
-            if name in overrun:
-                unread[name] = f"{shard} is truncated (WGT006)"
-            elif info.dtype not in _FLOAT_DTYPES:
-                unread[name] = f"dtype {info.dtype} is not inspected"
-            else:
-                found[name] = (shard, header, info)
+        assert isinstance(header, SafetensorsHeader)  # tensor_locations lists readable headers only
+        if info.end > header.data_bytes:
+            unread[name] = f"{shard} is truncated (WGT006)"
+        elif info.dtype not in _FLOAT_DTYPES:
+            unread[name] = f"dtype {info.dtype} is not inspected"
+        else:
+            found[name] = (shard, header, info)
     return found, unread
 
 
@@ -299,11 +304,11 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
 
 def _embedding_name(names: dict[str, Any] | set[str]) -> str | None:
     # Suffixes, not full names: multimodal checkpoints nest the language model (language_model.*).
-    return next((n for n in sorted(names) if n.endswith(_EMBEDDING_SUFFIXES)), None)
+    return next((n for n in sorted(names) if n.endswith(EMBEDDING_SUFFIXES)), None)
 
 
 def _lm_head_name(names: dict[str, Any] | set[str]) -> str | None:
-    return next((n for n in sorted(names) if n.endswith(_LM_HEAD_SUFFIXES)), None)
+    return next((n for n in sorted(names) if n.endswith(LM_HEAD_SUFFIXES)), None)
 
 
 # --- the scan shared by the checks of one run -------------------------------------------------
@@ -312,7 +317,7 @@ def shared_scan(ctx: Context) -> WeightScan:
     """The scan of ctx.model against ctx.base, made once per Context."""
     cached = ctx.memo.get(SCAN_KEY)
     if cached is None:
-        if not ctx.model.model_weight_files():
+        if not ctx.model.loaded_weight_files():
             raise CheckSkipped("no safetensors weights to read (see WGT001 / SAF001)")
         cached = ctx.memo[SCAN_KEY] = scan(ctx.model, ctx.base, progress=ctx.progress)
     assert isinstance(cached, WeightScan)
@@ -320,12 +325,11 @@ def shared_scan(ctx: Context) -> WeightScan:
 
 
 def shard_of(ckpt: Checkpoint, tensor: str) -> str:
-    """The weight file a tensor lives in, for Finding.file."""
-    for shard in ckpt.model_weight_files():
-        header = ckpt.header(shard)
-        if isinstance(header, SafetensorsHeader) and tensor in header.tensors:
-            return shard
-    return ckpt.model_weight_files()[0] if ckpt.model_weight_files() else "model.safetensors"
+    """The weight file the loader reads a tensor from, for Finding.file."""
+    where = ckpt.tensor_locations().get(tensor)
+    if where is not None:
+        return where[0]
+    return (ckpt.loaded_weight_files() or ["model.safetensors"])[0]
 
 
 def _listed(names: list[str], limit: int = 5) -> str:
@@ -385,7 +389,7 @@ def check_tied_embeddings(ctx: Context) -> list[Finding]:
     lm_head = _lm_head_name(names)
     if not tied and lm_head is None:
         return [Finding("WGT016", "error", f"tie_word_embeddings is false but there is no lm_head tensor "
-                        f"(*{' or *'.join(_LM_HEAD_SUFFIXES)}): loaders initialise the output layer at random. "
+                        f"(*{' or *'.join(LM_HEAD_SUFFIXES)}): loaders initialise the output layer at random. "
                         f"Fix: set tie_word_embeddings to true if the model was tied (the base's config "
                         "says), or save lm_head.weight (unsloth PR #9331)", CONFIG)]
     if tied and lm_head is not None:

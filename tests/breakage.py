@@ -300,9 +300,87 @@ def orphan_shard(ckpt: Path) -> None:
     shutil.copyfile(shards(ckpt)[0], ckpt / "model-00001-of-00009.safetensors")
 
 
+def _rewrite_header(shard: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Edit a shard's header JSON in place and keep the data bytes as they are."""
+    raw = shard.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    shard.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + length:])
+
+
+def _same_size_pair(header: dict[str, Any]) -> tuple[str, str]:
+    """Two tensors of one shard whose data are the same size."""
+    by_size: dict[int, str] = {}
+    for name, entry in sorted(header.items()):
+        if name == "__metadata__":
+            continue
+        size = entry["data_offsets"][1] - entry["data_offsets"][0]
+        if size in by_size:
+            return by_size[size], name
+        by_size[size] = name
+    raise LookupError("no two tensors of the same size")
+
+
+def tensor_ranges_overlap(ckpt: Path) -> None:
+    """A writer that pointed two tensors at the same bytes: safetensors refuses the file."""
+    def alias(header: dict[str, Any]) -> None:
+        first, second = _same_size_pair(header)
+        header[second]["data_offsets"] = list(header[first]["data_offsets"])
+    _rewrite_header(shards(ckpt)[-1], alias)
+
+
+def trailing_bytes(ckpt: Path) -> None:
+    """Bytes after the last tensor that no tensor covers (a writer that padded or appended)."""
+    with shards(ckpt)[-1].open("ab") as fh:
+        fh.write(b"\0" * 64)
+
+
+def shard_left_out_of_index(ckpt: Path) -> None:
+    """The index lost one shard's entries while the file is still there: those weights are random."""
+    index = _index(ckpt)
+    assert index is not None, "needs a sharded checkpoint"
+    last = shards(ckpt)[-1].name
+    _edit(index, lambda value: value.update(weight_map={
+        n: s for n, s in value["weight_map"].items() if s != last}))
+
+
+def index_emptied(ckpt: Path) -> None:
+    """An index whose weight_map is empty: loaders read no weights at all."""
+    index = _index(ckpt)
+    assert index is not None, "needs a sharded checkpoint"
+    _edit(index, lambda value: value.update(weight_map={}))
+
+
+def nan_beside_stale_shard(ckpt: Path) -> None:
+    """NaN in the indexed shard, and a healthy stale copy of it from an earlier save beside it:
+    the loader reads the indexed one, so must the checks."""
+    shard, _ = _shard_holding(ckpt, "v_proj.weight")
+    shutil.copyfile(shard, ckpt / "model-00009-of-00009.safetensors")
+    nan_in_weights(ckpt)
+
+
+def negative_eos_id(ckpt: Path) -> None:
+    """An eos list holding a negative id (a placeholder written by a converter)."""
+    _edit(ckpt / "generation_config.json", lambda cfg: cfg.update(eos_token_id=[-1, *_as_list(cfg["eos_token_id"])]))
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def single_file_beside_index(ckpt: Path) -> None:
+    """A model.safetensors from an earlier save beside the index: transformers loads it, vLLM
+    the index's shards."""
+    shutil.copyfile(shards(ckpt)[0], ckpt / "model.safetensors")
+
+
 # name -> (breakage, error codes with --llm-base, error codes without it)
 BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
-    "no_generation_config": (no_generation_config, {"GEN001"}, {"GEN001"}),
+    # Without the file both loaders stop at config.json's eos (GEN007, a warning), which lacks
+    # <|im_end|>: the base's eos id is lost and chat turns never end.
+    "no_generation_config": (no_generation_config, {"GEN003", "GEN005"}, {"GEN005"}),
     "empty_generation_config": (empty_generation_config, {"GEN002"}, {"GEN002"}),
     "eos_removed": (eos_removed, {"GEN002"}, {"GEN002"}),
     # Dropping <|im_end|> both loses a base eos id and leaves chat turns without a stop token.
@@ -334,6 +412,14 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "auto_map_added": (auto_map_added, {"SAF002"}, {"SAF002"}),
     "adapter_config_left": (adapter_config_left, {"WGT012"}, {"WGT012"}),
     "orphan_shard": (orphan_shard, set(), set()),
+    "tensor_ranges_overlap": (tensor_ranges_overlap, {"WGT019"}, {"WGT019"}),
+    "trailing_bytes": (trailing_bytes, {"WGT019"}, {"WGT019"}),
+    # What transformers would load lacks tensors: against the base they are missing (WGT007).
+    "shard_left_out_of_index": (shard_left_out_of_index, {"WGT007", "WGT020"}, {"WGT020"}),
+    "index_emptied": (index_emptied, {"WGT007", "WGT020"}, {"WGT020"}),
+    "nan_beside_stale_shard": (nan_beside_stale_shard, {"WGT013"}, {"WGT013"}),
+    "negative_eos_id": (negative_eos_id, {"GEN002"}, {"GEN002"}),
+    "single_file_beside_index": (single_file_beside_index, {"WGT007", "WGT020"}, {"WGT020"}),
 }
 
 

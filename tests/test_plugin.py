@@ -149,6 +149,17 @@ def test_warning_findings_pass_with_a_visible_warning(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines(["*IntegrityWarning: WGT003 warning: model-00001-of-00009.safetensors*"])
 
 
+def test_warning_findings_pass_in_a_strict_repository(pytester: pytest.Pytester,
+                                                      broken: Callable[[str], Path]) -> None:
+    """filterwarnings = error (ini) and -W error (command line) must not turn a warning finding
+    into a failure: a gate that fails healthy releases in strict repositories is switched off."""
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    model = broken("orphan_shard")
+    result = pytester.runpytest_subprocess("-W", "error", f"--llm-model={model}", f"--llm-base={BASE}", *ONLY)
+    result.assert_outcomes(passed=N_CHECKS, warnings=1)
+    result.stdout.fnmatch_lines(["*IntegrityWarning: WGT003 warning: model-00001-of-00009.safetensors*"])
+
+
 def test_progress_is_live_quiet_under_q_and_never_captured(pytester: pytest.Pytester,
                                                           broken: Callable[[str], Path]) -> None:
     model = broken("nan_in_weights")  # a failing item: its report would show captured output

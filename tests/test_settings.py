@@ -91,3 +91,23 @@ def test_every_option_has_three_distinct_spellings() -> None:
     for spec in OPTIONS:
         assert spec.flag.startswith("--llm-") and spec.ini.startswith("llm_") and spec.env.startswith("LLMMERGE_")
     assert len({s.env for s in OPTIONS}) == len({s.ini for s in OPTIONS}) == len(OPTIONS)
+
+
+NUMERIC = [s for s in OPTIONS if s.kind in ("int", "float")]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "-1", "0"])
+@pytest.mark.parametrize("spec", NUMERIC, ids=[s.flag for s in NUMERIC])
+def test_non_finite_or_negative_thresholds_are_usage_errors(tmp_path: Path, spec: object, raw: str) -> None:
+    """A threshold of nan compares false with everything and would switch its check off silently."""
+    from pytest_llmmerge.settings import OptionSpec
+
+    assert isinstance(spec, OptionSpec)
+    if spec.kind == "int" and raw in ("nan", "inf", "-inf"):
+        match = "is not an integer"
+    else:
+        match = "must be a finite number greater than 0"
+    with pytest.raises(SettingsError, match=f"{spec.flag}: '{raw}' {match}"):
+        resolve(tmp_path, cli={spec.dest: raw})
+    with pytest.raises(SettingsError, match=f"environment variable {spec.env}: '{raw}'"):
+        resolve(tmp_path, env={spec.env: raw})
