@@ -321,7 +321,7 @@ def _shard_count(base: Checkpoint) -> int | None:
     weight_map = base.index_weight_map()
     if weight_map:
         return len(set(weight_map.values()))
-    files = base.model_weight_files()
+    files = base.loaded_weight_files()
     return len(files) or None
 
 

@@ -89,7 +89,7 @@ def test_cli_beats_env_beats_ini(pytester: pytest.Pytester, monkeypatch: pytest.
                                  broken: Callable[[str], Path]) -> None:
     bad = broken("no_generation_config")
     pytester.makeini(f"[pytest]\nllm_model = {bad}\nllm_base = {BASE}\n")
-    pytester.runpytest_subprocess(*ONLY).assert_outcomes(passed=N_CHECKS - 2, failed=1, skipped=1)
+    pytester.runpytest_subprocess(*ONLY).assert_outcomes(passed=N_CHECKS - 2, failed=2, warnings=2)
     monkeypatch.setenv("LLMMERGE_MODEL", str(MERGED))
     pytester.runpytest_subprocess(*ONLY).assert_outcomes(passed=N_CHECKS)
     monkeypatch.setenv("LLMMERGE_MODEL", str(bad))
