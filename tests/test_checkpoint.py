@@ -76,3 +76,34 @@ def test_unigram_vocab_and_template_list(tmp_path: Path) -> None:
     assert ckpt.tokenizer_eos() == ("<eot>", 2)
     assert ckpt.chat_template() == ("D", "tokenizer_config.json")
     assert ckpt.tokenizer_rows_needed() == 3
+
+
+def _f32(begin: int, count: int) -> dict[str, Any]:
+    return {"dtype": "F32", "shape": [count], "data_offsets": [begin, begin + 4 * count]}
+
+
+@pytest.mark.parametrize("tensors,data_bytes", [
+    ({"a": _f32(0, 2), "b": _f32(8, 1)}, 12),              # tiled in order
+    ({"b": _f32(8, 1), "a": _f32(0, 2)}, 12),              # tiled, listed out of order
+    ({"a": _f32(0, 0), "b": _f32(0, 0), "c": _f32(0, 1)}, 4),  # empty tensors share an offset
+    ({"a": _f32(4, 2)}, 12),                               # gap before the first tensor
+    ({"a": _f32(0, 1), "b": _f32(8, 1)}, 12),              # gap between tensors
+    ({"a": _f32(0, 2), "b": _f32(0, 2)}, 8),               # two tensors on the same bytes
+    ({"a": _f32(0, 2), "b": _f32(4, 2)}, 12),              # partial overlap
+    ({"a": _f32(0, 2)}, 12),                               # bytes after the last tensor
+])
+def test_layout_verdict_matches_the_safetensors_library(tmp_path: Path, tensors: dict[str, Any],
+                                                        data_bytes: int) -> None:
+    """WGT019 is the library's own rule: a file is flagged exactly when safe_open refuses it."""
+    from safetensors import safe_open
+
+    path = raw_file(tmp_path / "x.safetensors", tensors, b"\0" * data_bytes)
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            list(handle.keys())
+        library_accepts = True
+    except Exception:
+        library_accepts = False
+    header = read_safetensors_header(path)
+    assert header.overruns() == []
+    assert (header.layout_problem() is None) == library_accepts, header.layout_problem()
