@@ -8,8 +8,11 @@ chat never stops).
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 # Fixed conversations: English and Chinese, with and without a system turn, multi-turn.
@@ -20,10 +23,42 @@ SAMPLE_CONVERSATIONS: tuple[tuple[tuple[tuple[str, str], ...], bool], ...] = (
     ((("user", "请列出功能清单。"), ("assistant", "功能:无法判断 功能说明:不属于上述描述的功能。")), False),
 )
 _TURN_MARKER = "LLMMERGE_END_OF_TURN_PROBE"
+# A template is code from the checkpoint: its rendering is bounded in time, output and the size
+# of any one value it builds.  Real templates render a conversation in milliseconds.
+RENDER_SECONDS = 2.0
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_VALUE_LENGTH = 1_000_000
+MAX_EXPONENT = 1_000
 
 
 class TemplateError(Exception):
     """The template could not be compiled or rendered."""
+
+
+class TemplateBudgetExceeded(TemplateError):
+    """The template ran past its time or size budget (a hostile or broken template)."""
+
+
+class _Deadline:
+    """A trace function that stops template code (frames compiled from "<template>") once the
+    deadline passes.  Tracing, not a signal: it works in any thread and leaves pytest-timeout's
+    alarm alone; frames of other code are not traced at all."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.events = 0
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code.co_filename != "<template>":
+            return None
+        return self.local
+
+    def local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        self.events += 1
+        if self.events % 256 == 0 and time.monotonic() > self.deadline:
+            raise TemplateBudgetExceeded(f"rendering took longer than {self.seconds:g} s (an unbounded loop?)")
+        return self.local
 
 
 def _environment() -> Any:
@@ -49,8 +84,22 @@ def _environment() -> Any:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
                           separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, loopcontrols])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # One `*` or `**` can allocate gigabytes or compute for hours inside a single C call,
+        # where no deadline can interrupt it: refuse such operands up front.
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+                raise TemplateBudgetExceeded(f"exponent {right} is larger than {MAX_EXPONENT}")
+            if operator == "*":
+                sized = [(v, n) for v, n in ((left, right), (right, left))
+                         if isinstance(v, (str, list, tuple)) and isinstance(n, int)]
+                if sized and len(sized[0][0]) * sized[0][1] > MAX_VALUE_LENGTH:
+                    raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     # A fixed date so that templates that print today's date render the same for both sides.
@@ -64,14 +113,29 @@ def render(template: str, messages: Sequence[Mapping[str, str]], *, add_generati
     import jinja2
 
     kwargs = {k: v for k, v in special_tokens.items() if k.endswith("_token")}
+    previous = sys.gettrace()
+    sys.settrace(_Deadline(RENDER_SECONDS))
     try:
         compiled = _environment().from_string(template)
-        return str(compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **kwargs))
+        parts: list[str] = []
+        size = 0
+        for part in compiled.generate(messages=[dict(m) for m in messages], tools=None, documents=None,
+                                      add_generation_prompt=add_generation_prompt, **kwargs):
+            size += len(part)
+            if size > MAX_OUTPUT_CHARS:
+                raise TemplateBudgetExceeded(f"the rendering is longer than {MAX_OUTPUT_CHARS} characters")
+            parts.append(part)
+        return "".join(parts)
+    except TemplateBudgetExceeded:
+        raise
     except jinja2.exceptions.TemplateError as exc:
         raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+    except RecursionError:
+        raise TemplateError("RecursionError: the template recurses without end") from None
     except Exception as exc:  # a template is user code; any failure is a finding, not a crash
         raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        sys.settrace(previous)
 
 
 def render_samples(template: str, special_tokens: Mapping[str, str]) -> list[str]:
@@ -82,6 +146,9 @@ def render_samples(template: str, special_tokens: Mapping[str, str]) -> list[str
         try:
             out.append(render(template, messages, add_generation_prompt=add_prompt,
                               special_tokens=special_tokens))
+        except TemplateBudgetExceeded as exc:
+            # The same template on the next conversation would only spend its budget again.
+            return out + [f"error: {exc}"] * (len(SAMPLE_CONVERSATIONS) - len(out))
         except TemplateError as exc:
             out.append(f"error: {exc}")
     return out

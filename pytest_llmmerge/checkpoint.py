@@ -31,13 +31,14 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
-# Bytes per element of every dtype the safetensors format defines.
-DTYPE_SIZES: dict[str, float] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-    "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75,
+# Bits per element of every dtype the safetensors format defines (integers: a header's shape
+# may multiply to more than a float holds).
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 # A real header is a few MB at most; a larger length prefix means the file is not safetensors.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -121,7 +122,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raw = _read_exactly(fh, length)
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise HeaderError("header JSON is nested deeper than a parser allows") from None
+    except ValueError as exc:  # also UnicodeDecodeError, and integers past Python's digit limit
         raise HeaderError(f"header is not valid JSON ({exc})") from None
     if not isinstance(parsed, dict):
         raise HeaderError("header JSON is not an object")
@@ -148,14 +151,14 @@ def _tensor_info(name: str, entry: Any) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError(f"entry for tensor {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if dtype not in DTYPE_BITS:
         raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise HeaderError(f"tensor {name!r} has invalid shape {shape!r}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
         raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    expected = math.ceil(math.prod(shape) * DTYPE_SIZES[dtype])
+    expected = -(-math.prod(shape) * DTYPE_BITS[dtype] // 8)
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(
             f"tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets span "
@@ -217,7 +220,9 @@ class Checkpoint:
             return JsonFile(name, exists=True, error=f"cannot be read: {exc}")
         try:
             return JsonFile(name, exists=True, value=json.loads(text))
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            return JsonFile(name, exists=True, error="is nested deeper than a JSON parser allows")
+        except ValueError as exc:  # also integers past Python's digit limit
             return JsonFile(name, exists=True, error=f"is not valid JSON: {exc}")
 
     def json_object(self, name: str) -> dict[str, Any]:

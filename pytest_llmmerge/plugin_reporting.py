@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ class Reporting:
         self.settings = settings
         self.records: dict[str, Any] = {}
         self.remote_workers: dict[str, dict[str, Any]] = {}  # model loads of xdist processes
+        self.write_errors: list[str] = []  # reports that could not be written, for the summary
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """The call phase of each item, or the phase that skipped or failed it."""
@@ -78,24 +80,35 @@ class Reporting:
         built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
                              workers=self.worker_stats(), exit_status=int(exitstatus),
                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        writes: list[tuple[str, Path, Any]] = []
         if settings.report is not None:
-            report.write_json(built, settings.report)
+            writes.append(("report", settings.report, lambda path: report.write_json(built, path)))
         if settings.report_md is not None:
             text = report.markdown(built)
-            settings.report_md.parent.mkdir(parents=True, exist_ok=True)
-            settings.report_md.write_text(text, encoding="utf-8")
+            writes.append(("Markdown report", settings.report_md, lambda path: report.write_text(text, path)))
             summary = os.environ.get("GITHUB_STEP_SUMMARY")
             if summary:
-                with open(summary, "a", encoding="utf-8") as fh:
-                    fh.write(text)
+                writes.append(("GitHub step summary", Path(summary), lambda path: report.append_text(text, path)))
+        for what, path, write in writes:
+            try:
+                write(path)
+            except OSError as exc:
+                # The run's verdict stands and its summary is still printed; the job fails, since
+                # the report it asked for is missing.
+                self.write_errors.append(f"{what} NOT written to {path}: {exc.strerror or exc}")
+        if self.write_errors and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Termination and parity figures per variant and backend, and the model loads per worker."""
         from .report import terminal_lines
 
         lines = terminal_lines(list(self.records.values()), self.worker_stats())
+        failed = " ".join(self.write_errors)
         lines += [f"{what} written to {path}" for what, path in (("report", self.settings.report),
-                                                                ("Markdown report", self.settings.report_md)) if path]
+                                                                ("Markdown report", self.settings.report_md))
+                  if path and f" {path}:" not in failed]
+        lines += self.write_errors
         if lines:
             terminalreporter.section("llmmerge summary")
             for line in lines:

@@ -103,10 +103,23 @@ def validate(report: Mapping[str, Any]) -> None:
 
 
 def write_json(report: Mapping[str, Any], path: Path) -> None:
+    write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", path)
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write a whole report; a reader never sees half of one, and a failed write leaves no temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a report
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_text(text: str, path: Path) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 # --- Markdown -----------------------------------------------------------------------------------

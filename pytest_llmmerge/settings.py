@@ -265,6 +265,14 @@ def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> ob
     return str(raw).strip()
 
 
+def _entries(where: str, path: Path) -> bool:
+    """Whether a directory has entries; an unreadable one is a usage error naming `where`."""
+    try:
+        return any(path.iterdir())
+    except OSError as exc:
+        raise SettingsError(f"{where}: {path} cannot be read: {exc.strerror or exc}") from None
+
+
 def _given(value: object) -> bool:
     return value is not None and value is not False and value != "" and value != [] and value != ()
 
@@ -285,6 +293,7 @@ def resolve_settings(
     ini values, as a user reading each source would expect.
     """
     values: dict[str, object] = {}
+    came_from: dict[str, str] = {}
     for spec in OPTIONS:
         sources = (
             (cli.get(spec.dest), spec.flag, invocation_dir),
@@ -295,48 +304,66 @@ def resolve_settings(
         for raw, where, relative_to in sources:
             if _given(raw):
                 values[spec.dest] = _convert(spec, raw, where, relative_to)
+                came_from[spec.dest] = where
                 break
     settings = Settings(**values)  # type: ignore[arg-type]
-    validate(settings)
+    validate(settings, came_from)
     return settings
 
 
-def validate(settings: Settings) -> None:
-    """Fail early, naming the option: missing or empty directories, unknown names."""
+def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> None:
+    """Fail early, naming where the value came from (flag, environment variable or ini option):
+    missing, unreadable or empty directories, unknown names, report paths that would overwrite
+    a checkpoint's files."""
+    given = {spec.dest: spec.flag for spec in OPTIONS} | dict(sources or {})
     if settings.dtype not in DTYPES:
-        raise SettingsError(f"--llm-dtype: {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+        raise SettingsError(f"{given['dtype']}: {settings.dtype!r} is not one of {', '.join(DTYPES)}")
     if settings.merge_dtype not in DTYPES[1:]:
-        raise SettingsError(f"--llm-merge-dtype: {settings.merge_dtype!r} is not one of {', '.join(DTYPES[1:])}")
+        raise SettingsError(f"{given['merge_dtype']}: {settings.merge_dtype!r} is not one of {', '.join(DTYPES[1:])}")
     if settings.build_merged and (settings.base is None or not settings.adapters):
         raise SettingsError("--llm-build-merged needs --llm-base and at least one --llm-adapter")
     if len(settings.stages) >= max(len(settings.adapters), 1):
-        raise SettingsError(f"--llm-stage: {len(settings.stages)} stage(s) given for {len(settings.adapters)} "
+        raise SettingsError(f"{given['stages']}: {len(settings.stages)} stage(s) given for {len(settings.adapters)} "
                             "adapter(s); give the stages after adapters 1..n-1 (stage n is --llm-model)")
     if settings.corpus is not None and not settings.corpus.is_file():
-        raise SettingsError(f"--llm-corpus: {settings.corpus} is not a file")
+        raise SettingsError(f"{given['corpus']}: {settings.corpus} is not a file")
     for name in settings.backends:
         if name not in KNOWN_BACKENDS and ":" not in name:
-            raise SettingsError(f"--llm-backend: unknown backend {name!r} (use {', '.join(KNOWN_BACKENDS)} "
+            raise SettingsError(f"{given['backends']}: unknown backend {name!r} (use {', '.join(KNOWN_BACKENDS)} "
                                 "or module:Class)")
     vllm_kwargs(settings)  # a malformed --llm-vllm-arg fails here, naming itself
     named: list[tuple[str, Path]] = []
     if settings.model is not None and settings.build_merged:
-        if settings.model.exists() and any(settings.model.iterdir()):
-            raise SettingsError(f"--llm-model: {settings.model} exists; with --llm-build-merged it is where the "
-                                "merge is written: remove it or give a new path")
+        if settings.model.exists() and not settings.model.is_dir():
+            raise SettingsError(f"{given['model']}: {settings.model} is a file; with --llm-build-merged it is "
+                                "the directory the merge is written to: give a new path")
+        if settings.model.exists() and _entries(given["model"], settings.model):
+            raise SettingsError(f"{given['model']}: {settings.model} exists; with --llm-build-merged it is where "
+                                "the merge is written: remove it or give a new path")
     elif settings.model is not None:
-        named.append(("--llm-model", settings.model))
+        named.append((given["model"], settings.model))
     if settings.base is not None:
-        named.append(("--llm-base", settings.base))
-    named.extend(("--llm-adapter", p) for p in settings.adapters)
-    named.extend(("--llm-stage", p) for p in settings.stages)
+        named.append((given["base"], settings.base))
+    named.extend((given["adapters"], p) for p in settings.adapters)
+    named.extend((given["stages"], p) for p in settings.stages)
     for flag, path in named:
         if not path.exists():
             raise SettingsError(f"{flag}: {path} does not exist")
         if not path.is_dir():
             raise SettingsError(f"{flag}: {path} is not a directory (give the checkpoint directory)")
-        if not any(path.iterdir()):
+        if not _entries(flag, path):
             raise SettingsError(f"{flag}: {path} is empty (no config.json, no weights)")
+    checkpoints = [p for p in (settings.model, settings.base, *settings.adapters, *settings.stages) if p is not None]
+    for dest in ("report", "report_md"):
+        report: Path | None = getattr(settings, dest)
+        if report is None:
+            continue
+        if report.is_dir():
+            raise SettingsError(f"{given[dest]}: {report} is a directory; give the report's file path")
+        inside = next((c for c in checkpoints if report.resolve().is_relative_to(c.resolve())), None)
+        if inside is not None:
+            raise SettingsError(f"{given[dest]}: {report} lies inside the checkpoint directory {inside}; a report "
+                                "there could replace the checkpoint's own files: write it elsewhere")
     if settings.audit_merge and (settings.base is None or not settings.adapters):
         raise SettingsError("--llm-audit-merge needs --llm-base and the --llm-adapter(s) that were merged")
     if settings.bisect and (settings.base is None or not settings.adapters):

@@ -41,6 +41,10 @@ DEFAULT_BACKENDS: tuple[str, ...] = ()  # empty: every backend the run selects (
 # Keys that only make sense per case: a default for them would give every case the same prompt.
 _PER_CASE_KEYS = ("id", "prompt", "messages")
 _CASES_LINE = re.compile(r"""^["']?cases["']?\s*:""", re.MULTILINE)
+# Aliases let a few lines of YAML stand for billions of values ("billion laughs"); a suite of a
+# thousand cases is a few tens of thousands of nodes.
+MAX_EXPANDED_NODES = 200_000
+_NON_FINITE = re.compile(r"^[-+]?\.(inf|Inf|INF|nan|NaN|NAN)$")
 
 
 class SuiteError(ValueError):
@@ -124,7 +128,7 @@ def looks_like_suite(path: Path) -> bool:
         return False
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return _CASES_LINE.search(text) is not None
     return isinstance(data, dict) and "cases" in data
 
@@ -173,7 +177,13 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
     try:
         loader = yaml.SafeLoader(text)  # its reader already rejects control characters
         node = loader.get_single_node()
+        expanded = _expanded_size(node) if node is not None else 0
+        if expanded > MAX_EXPANDED_NODES:
+            raise SuiteError(f"{where}: <root>: YAML aliases expand to more than {MAX_EXPANDED_NODES} values; "
+                             "a suite is refused before it is expanded")
         data = None if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise SuiteError(f"{where}: <root>: invalid YAML: nested deeper than the parser allows") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         spot = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<root>"
@@ -187,6 +197,40 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
         if loader is not None:
             loader.dispose()
     return data, node
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once aliases are expanded, counted without expanding
+    them (each node once, its size memoised), stopping past the limit; a recursive alias counts
+    as over it."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = _child_nodes(node)
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_EXPANDED_NODES + 1)
+            continue
+        if id(node) in sizes:
+            continue
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                return MAX_EXPANDED_NODES + 1
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _node_problems(root: yaml.Node | None) -> list[str]:
@@ -212,6 +256,10 @@ def _node_problems(root: yaml.Node | None) -> list[str]:
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 walk(item, path + (i,), stack)
+        elif node.tag == "tag:yaml.org,2002:float" and _NON_FINITE.match(str(node.value)):
+            # JSON Schema's number accepts nan and inf; no option of a case means anything then.
+            problems.append(f"{_json_path(path)}: {node.value} is not a finite number "
+                            f"(line {node.start_mark.line + 1})")
 
     if root is not None:
         walk(root, (), frozenset())

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -77,6 +78,7 @@ class Worker:
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _conn: Connection | None = field(default=None, repr=False)
     _log: Path | None = field(default=None, repr=False)
+    _lifeline: int | None = field(default=None, repr=False)  # write end of the child's parent-death pipe
     _starts: int = field(default=0, repr=False)
 
     # --- public -----------------------------------------------------------------------------
@@ -124,13 +126,19 @@ class Worker:
         self._starts += 1
         self._log = self.log_dir / f"worker-{self.label}-{self._starts}.log"
         parent_sock, child_sock = socket.socketpair()
+        # The child's lifeline: only this process holds the write end, so the child reads EOF the
+        # moment this process is gone, however it went (SIGKILL from CI included), and then
+        # kills its own process group.
+        lifeline_read, self._lifeline = os.pipe()
         env = {**os.environ, **WORKER_ENV}
         with self._log.open("wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_llmmerge.worker", str(child_sock.fileno())],
-                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True)  # its own process group: one kill takes all of it
+                [sys.executable, "-m", "pytest_llmmerge.worker", str(child_sock.fileno()), str(lifeline_read)],
+                pass_fds=(child_sock.fileno(), lifeline_read), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)  # its own process group: one kill takes all of it
         child_sock.close()
+        os.close(lifeline_read)
         self._conn = Connection(parent_sock.detach())
         if self.on_status is not None:
             self.on_status(f"loading {self.label} ({self.backend})")
@@ -191,6 +199,9 @@ class Worker:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
         if proc is None:
             return
         if proc.poll() is None:
@@ -209,7 +220,25 @@ class Worker:
 
 # --- the child side -------------------------------------------------------------------------
 
-def _child(fd: int) -> None:
+def _die_with_parent(lifeline: int) -> None:
+    """Kill this worker's whole process group once the parent's end of the lifeline closes."""
+    def watch() -> None:
+        while True:
+            try:
+                if not os.read(lifeline, 1):
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="llmmerge-lifeline", daemon=True).start()
+
+
+def _child(fd: int, lifeline: int | None = None) -> None:
+    if lifeline is not None:
+        _die_with_parent(lifeline)
     conn = Connection(fd)
     op, init = conn.recv()
     assert op == "load"
@@ -248,4 +277,4 @@ def _child(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    _child(int(sys.argv[1]))
+    _child(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)

@@ -36,5 +36,8 @@ class HangingHF(HFBackend):
 
     def on_step(self, new_tokens: Any) -> None:
         if self._hang and new_tokens.shape[1] >= 1:  # after the first token: answers here are short
+            hang_file = os.environ.get("LLMMERGE_TEST_HANG_FILE")
+            if hang_file:  # lets a test act while the worker is inside the hang
+                Path(hang_file).write_text(str(os.getpid()))
             while True:
                 time.sleep(0.5)

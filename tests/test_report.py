@@ -102,3 +102,23 @@ def test_xdist_gives_the_same_outcomes_as_a_serial_run(pytester: pytest.Pytester
     assert b["summary"]["model_loads"] >= a["summary"]["model_loads"] == 1
     finish = {i["nodeid"]: i["metrics"].get("finish_reason") for i in a["items"]}
     assert finish == {i["nodeid"]: i["metrics"].get("finish_reason") for i in b["items"]}
+
+
+def test_a_report_that_cannot_be_written_keeps_the_verdict_and_the_summary(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk or a bad path at the very end must not turn a run into a traceback: every
+    item keeps its outcome, the summary is printed, the lost file is named and the job fails."""
+    (pytester.path / "a-file").write_text("a file, not a directory")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(pytester.path))  # a directory: appending fails
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", f"--llm-base={BASE}", "-p", "no:cacheprovider",
+                                           "-m", "llmmerge_integrity", "--llm-report=a-file/report.json",
+                                           "--llm-report-md=report.md")
+    output = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in output and "INTERNALERROR" not in output
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert result.parseoutcomes().get("failed", 0) == 0 and result.parseoutcomes()["passed"] > 5
+    result.stdout.fnmatch_lines(["*llmmerge summary*", "*report NOT written to *a-file/report.json:*",
+                                 "*GitHub step summary NOT written to*"])
+    result.stdout.fnmatch_lines(["*Markdown report written to *report.md"])
+    assert (pytester.path / "report.md").is_file()
+    assert not list(pytester.path.glob(".*.tmp"))

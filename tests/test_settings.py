@@ -111,3 +111,32 @@ def test_non_finite_or_negative_thresholds_are_usage_errors(tmp_path: Path, spec
         resolve(tmp_path, cli={spec.dest: raw})
     with pytest.raises(SettingsError, match=f"environment variable {spec.env}: '{raw}'"):
         resolve(tmp_path, env={spec.env: raw})
+
+
+def test_errors_name_the_environment_variable_the_value_came_from(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="environment variable LLMMERGE_MODEL: .*nowhere does not exist"):
+        resolve(tmp_path, env={"LLMMERGE_MODEL": str(tmp_path / "nowhere")})
+    with pytest.raises(SettingsError, match="ini option llm_base: .*nowhere does not exist"):
+        make_dirs(tmp_path, "m")
+        resolve(tmp_path, cli={"model": str(tmp_path / "m")}, ini={"llm_base": "nowhere"})
+
+
+def test_build_merged_onto_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    make_dirs(tmp_path, "base", "lora")
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(SettingsError, match="--llm-model: .*out is a file; with --llm-build-merged"):
+        resolve(tmp_path, cli={"model": str(tmp_path / "out"), "build_merged": True, "base": str(tmp_path / "base"),
+                               "adapters": [str(tmp_path / "lora")]})
+
+
+@pytest.mark.parametrize("dest,flag", [("report", "--llm-report"), ("report_md", "--llm-report-md")])
+def test_reports_are_refused_inside_checkpoints(tmp_path: Path, dest: str, flag: str) -> None:
+    """A report named config.json inside the model directory would replace the checkpoint's own."""
+    make_dirs(tmp_path, "m", "b")
+    for target in ("m/config.json", "b/sub/report.json"):
+        with pytest.raises(SettingsError, match=f"{flag}: .* lies inside the checkpoint directory"):
+            resolve(tmp_path, cli={"model": str(tmp_path / "m"), "base": str(tmp_path / "b"),
+                                   dest: str(tmp_path / target)})
+    with pytest.raises(SettingsError, match=f"{flag}: .* is a directory"):
+        resolve(tmp_path, cli={"model": str(tmp_path / "m"), dest: str(tmp_path)})
+    assert getattr(resolve(tmp_path, cli={"model": str(tmp_path / "m"), dest: str(tmp_path / "r.out")}), dest)

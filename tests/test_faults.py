@@ -1,0 +1,65 @@
+"""Fault injection on real processes: CI cancelling pytest must leave no worker behind.
+
+A worker runs in its own session (so one kill takes its whole process group); without a
+lifeline it would outlive a pytest that CI stops with SIGTERM or SIGKILL, hung in the middle
+of a generation, and keep a core busy until the machine is recycled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MERGED, REPO
+from test_generation import HANG_OPTION, HANG_SUITE, alive
+
+GONE_WITHIN_S = 10
+
+
+def _wait_for(condition: object, timeout: float) -> bool:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return bool(condition())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_stopping_pytest_mid_generation_leaves_no_worker(tmp_path: Path, sig: signal.Signals) -> None:
+    (tmp_path / "suite.yaml").write_text(HANG_SUITE.format(timeout=600, option=HANG_OPTION), encoding="utf-8")
+    shutil.copy(REPO / "tests" / "hanging_backend.py", tmp_path)
+    pid_file, hang_file = tmp_path / "pids.txt", tmp_path / "hanging.txt"
+    env = {**os.environ, "LLMMERGE_TEST_PID_FILE": str(pid_file), "LLMMERGE_TEST_HANG_FILE": str(hang_file),
+           "PYTHONPATH": str(tmp_path)}
+    log = (tmp_path / "pytest.log").open("wb")
+    pytest_proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--llm-model={MERGED}", "-m", "llmmerge_suite",
+         "--llm-backend=hanging_backend:HangingHF", "--timeout=0", "suite.yaml"],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        # The worker loads, answers "before", then hangs on "trigger" for as long as it is let.
+        assert _wait_for(hang_file.exists, 180), (tmp_path / "pytest.log").read_text(errors="replace")
+        workers = [int(p) for p in pid_file.read_text().split()]
+        assert workers and all(alive(p) for p in workers)
+        pytest_proc.send_signal(sig)
+        pytest_proc.wait(timeout=30)
+        assert _wait_for(lambda: not any(alive(p) for p in workers), GONE_WITHIN_S), \
+            f"worker(s) {[p for p in workers if alive(p)]} outlived pytest stopped by {sig.name}"
+    finally:
+        log.close()
+        for pid in [pytest_proc.pid, *workers]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        pytest_proc.wait(timeout=30)
