@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TE
 DEFAULT_SHARD_SIZE = "5GB"
 # f".{out.name}.tmp-{pid}-{8 hex digits}", the temp dirs build_merged writes into.
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+BUILD_MARK = ".llmmerge-build"  # inside a temp dir while its build runs: "<host> <pid>"
 _LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector", "base_layer")
 
 Progress = Callable[[str], None]
@@ -143,13 +145,15 @@ def build_merged(spec: MergeSpec, out: Path, *, progress: Progress | None = None
     """
     say = progress or (lambda message: None)
     out = Path(out)
-    if out.exists():
-        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return out  # an empty directory is no merge: the rename below replaces it
     _check_inputs(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    # Cleanup removes only directories holding this mark, written by a build on this host.
+    (tmp / BUILD_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
     started = time.monotonic()
     try:
         _merge_into(spec, tmp, say)
@@ -162,6 +166,8 @@ def build_merged(spec: MergeSpec, out: Path, *, progress: Progress | None = None
                 shutil.rmtree(tmp, ignore_errors=True)
                 return out
             raise
+        # Removed only once renamed: a temp dir killed at any point before still carries its mark.
+        (out / BUILD_MARK).unlink(missing_ok=True)
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -411,8 +417,14 @@ def _remove_stale_temp_dirs(out: Path) -> None:
         match = _TEMP_NAME.match(path.name)
         if match is None or not path.is_dir():
             continue
-        pid = int(match["pid"])
-        if pid != os.getpid() and not _alive(pid):
+        try:
+            host, pid = (path / BUILD_MARK).read_text(encoding="utf-8").split()
+        except (OSError, ValueError):
+            continue  # not one of ours (a user's directory, or a build of another tool)
+        # A pid means something only on its own host: another host's build on a shared volume
+        # is left alone.
+        if host == socket.gethostname() and pid == match["pid"] and int(pid) != os.getpid() \
+                and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

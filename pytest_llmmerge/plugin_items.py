@@ -324,7 +324,11 @@ class CaseItem(pytest.Item):
         return [i for i in items[index + 1:] if isinstance(i, CaseItem) and i.worker_key == self.worker_key]
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        from .variants import BuildFailed
+
         error = excinfo.value
+        if isinstance(error, BuildFailed):
+            return f"case {self.case.id!r} on {self.variant}-{self.backend}: {error}"
         if not isinstance(error, CaseFailed):
             return super().repr_failure(excinfo, style=style)
         case = self.case
@@ -388,6 +392,10 @@ class ComparisonItem(pytest.Item):
             raise ParityFailed(report.lines())
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        from .variants import BuildFailed
+
+        if isinstance(excinfo.value, BuildFailed):
+            return str(excinfo.value)
         if isinstance(excinfo.value, ParityFailed):
             return "\n".join([self.failure_head()] + ["  " + line for line in excinfo.value.lines])
         return super().repr_failure(excinfo, style=style)

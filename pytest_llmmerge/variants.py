@@ -32,6 +32,11 @@ class VariantUnavailable(LookupError):
     """The run lacks what a variant needs (the message says which option gives it)."""
 
 
+class BuildFailed(RuntimeError):
+    """A merged stage could not be built.  Raised once with the cause, then again, without a new
+    attempt, for every item that needs the stage: one failure, one report, no retry storm."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a worker loads: a model directory and adapters applied on top, unmerged."""
@@ -62,6 +67,7 @@ class Chain:
     merge_dtype: str = "float32"
     progress: Callable[[str], None] | None = None
     _built: dict[int, Path] = field(default_factory=dict)
+    _failed: dict[int, str] = field(default_factory=dict)
     # stage -> True when this run built it, False when it came from the cache.
     built_now: dict[int, bool] = field(default_factory=dict)
 
@@ -91,6 +97,9 @@ class Chain:
             return self.candidate
         if k <= len(self.given_stages):
             return self.given_stages[k - 1]
+        if k in self._failed:
+            raise BuildFailed(f"stage {k} is not available: its build failed earlier in this run "
+                              f"({self._failed[k]}); not retried")
         if k not in self._built:
             from .merge import MergeSpec, cached_merge
 
@@ -103,7 +112,16 @@ class Chain:
                 self.progress(f"stage {k}/{self.n}: merging adapters {start + 1}..{k} into "
                               f"{'the base' if start == 0 else f'stage {start}'}")
             spec = MergeSpec(base=self.stage(start), adapters=self.adapters[start:k], compute_dtype=self.merge_dtype)
-            self._built[k], self.built_now[k] = cached_merge(spec, self.cache_dir, progress=self.progress)
+            try:
+                self._built[k], self.built_now[k] = cached_merge(spec, self.cache_dir, progress=self.progress)
+            except BuildFailed:
+                raise
+            except Exception as exc:  # the merge libraries' errors are many; each is this stage's failure
+                reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:500]
+                self._failed[k] = f"{type(exc).__name__}: {reason}"
+                raise BuildFailed(f"stage {k} could not be built: merging adapters "
+                                  f"{', '.join(str(a) for a in self.adapters[start:k])} into "
+                                  f"{spec.base} failed with {self._failed[k]}") from exc
         return self._built[k]
 
     def resolve(self, variant: str) -> ModelSpec:

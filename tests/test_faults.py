@@ -63,3 +63,28 @@ def test_stopping_pytest_mid_generation_leaves_no_worker(tmp_path: Path, sig: si
             except (ProcessLookupError, PermissionError):
                 pass
         pytest_proc.wait(timeout=30)
+
+
+def test_a_merge_that_fails_is_reported_once_and_not_retried(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """An adapter that does not fit the base: the stage it breaks is tried once; every item that
+    needs it fails with that one reason, no traceback, no second attempt."""
+    from safetensors.numpy import load_file, save_file
+
+    from conftest import ADAPTERS, BASE
+
+    bad = Path(shutil.copytree(ADAPTERS[0], tmp_path / "misfit"))
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    # Trained for a model half as wide: every lora_A reads 64 features where the base has 128.
+    save_file({n: (w[:, : w.shape[1] // 2].copy() if "lora_A" in n else w) for n, w in weights.items()},
+              str(bad / "adapter_model.safetensors"))
+    assert any("lora_A" in n for n in weights)
+    result = pytester.runpytest_subprocess(
+        f"--llm-model={MERGED}", f"--llm-base={BASE}", f"--llm-adapter={bad}", f"--llm-adapter={ADAPTERS[1]}",
+        "--llm-backend=hf", "-m", "llmmerge_parity", "-p", "no:cacheprovider", "-rN")
+    output = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in output and "INTERNALERROR" not in output
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) >= 2 and "passed" not in outcomes, output
+    assert output.count("stage 1 could not be built: merging adapters") == 1, output
+    assert "size mismatch" in output  # the cause, not only the library's headline
+    assert output.count("its build failed earlier in this run") == outcomes["failed"] - 1, output
