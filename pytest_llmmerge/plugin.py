@@ -17,7 +17,15 @@ import pytest
 
 from .plugin_items import AgreementChecks, CaseItem, ComparisonItem, DefaultSuite, IntegrityChecks, ParityChecks, SuiteFile
 from .plugin_reporting import Reporting
-from .plugin_state import CORPORA_KEY, RUNNER_KEY, SETTINGS_KEY, SUITE_ERRORS_KEY, get_chain, get_runner
+from .plugin_state import (
+    CORPORA_KEY,
+    RUNNER_KEY,
+    SETTINGS_KEY,
+    SUITE_ERRORS_KEY,
+    close_run,
+    get_chain,
+    get_runner,
+)
 from .settings import OPTIONS, Settings, SettingsError, describe, resolve_settings
 
 
@@ -69,9 +77,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    runner = config.stash.get(RUNNER_KEY, None)
-    if runner is not None:
-        runner.close()
+    """Close every worker and remove the run's temporary directories."""
+    close_run(config)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

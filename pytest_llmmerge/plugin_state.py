@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,7 @@ def get_runner(config: pytest.Config) -> Runner:
                 kwargs["extra"] = vllm_kwargs(settings)
             return resolve_spec(backend), kwargs
 
-        runner = Runner(worker_kwargs=worker_kwargs, log_dir=Path(tempfile.mkdtemp(prefix="llmmerge-workers-")),
+        runner = Runner(worker_kwargs=worker_kwargs, log_dir=_temp_dir(config, "llmmerge-workers-"),
                         batch_size=settings.batch_size, load_timeout_s=settings.load_timeout_s,
                         on_status=progress_writer(config))
         config.stash[RUNNER_KEY] = runner
@@ -112,7 +113,7 @@ def get_chain(config: pytest.Config) -> Chain:
         # Under the pytest cache (kept between runs); with -p no:cacheprovider, a temp dir.
         cache_provider = getattr(config, "cache", None)
         cache = cache_provider.mkdir("llmmerge-merges") if cache_provider is not None else \
-            Path(tempfile.mkdtemp(prefix="llmmerge-merges-"))
+            _temp_dir(config, "llmmerge-merges-")
         chain = Chain(base=settings.base, adapters=settings.adapters,
                       candidate=None if settings.build_merged else settings.model,
                       given_stages=settings.stages, cache_dir=Path(cache), merge_dtype=settings.merge_dtype,
@@ -125,6 +126,26 @@ def get_chain(config: pytest.Config) -> Chain:
             chain.candidate = build_merged(spec, settings.model, progress=chain.progress)
         config.stash[CHAIN_KEY] = chain
     return chain
+
+
+TEMP_DIRS_KEY = pytest.StashKey[list[Path]]()
+
+
+def _temp_dir(config: pytest.Config, prefix: str) -> Path:
+    """A directory this run owns and removes when it ends (see close_run)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    config.stash.setdefault(TEMP_DIRS_KEY, []).append(path)
+    return path
+
+
+def close_run(config: pytest.Config) -> None:
+    """Close every worker, then remove the temp dirs the run made (worker logs: their tails are
+    already in the failures that needed them; merges of a run without the pytest cache)."""
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is not None:
+        runner.close()
+    for path in config.stash.get(TEMP_DIRS_KEY, []):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def progress_writer(config: pytest.Config) -> Any:

@@ -88,3 +88,16 @@ def test_a_merge_that_fails_is_reported_once_and_not_retried(pytester: pytest.Py
     assert output.count("stage 1 could not be built: merging adapters") == 1, output
     assert "size mismatch" in output  # the cause, not only the library's headline
     assert output.count("its build failed earlier in this run") == outcomes["failed"] - 1, output
+
+
+def test_a_run_leaves_no_temporary_directory(pytester: pytest.Pytester, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker logs and (without the pytest cache) built merges live in temp dirs the run removes."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "--llm-backend=hf", "-p", "no:cacheprovider",
+                                           "-m", "llmmerge_suite", str(REPO / "example_suites" / "smoke.yaml"),
+                                           "-k", "repeat-en", f"--basetemp={tmp_path / 'basetemp'}")
+    assert result.parseoutcomes().get("passed", 0) >= 1, result.stdout.str()
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("llmmerge")] == []  # torch keeps its own
