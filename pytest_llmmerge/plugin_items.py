@@ -393,9 +393,17 @@ class ComparisonItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         from .variants import BuildFailed
+        from .worker import DeadlineExceeded, WorkerError
 
         if isinstance(excinfo.value, BuildFailed):
             return str(excinfo.value)
+        if isinstance(excinfo.value, DeadlineExceeded):
+            per = self.config.stash[SETTINGS_KEY].call_timeout_s
+            return (f"{self.failure_head()}\n  {excinfo.value} (--llm-call-timeout: {per:g} s per text or prompt; "
+                    "raise it if the model is only slow, a hang is what this deadline is for)")
+        if isinstance(excinfo.value, WorkerError):
+            tail = "\n".join("    " + line for line in excinfo.value.log_tail.splitlines())
+            return f"{self.failure_head()}\n  {excinfo.value}" + (f"\n  worker log (last lines):\n{tail}" if tail else "")
         if isinstance(excinfo.value, ParityFailed):
             return "\n".join([self.failure_head()] + ["  " + line for line in excinfo.value.lines])
         return super().repr_failure(excinfo, style=style)
@@ -441,7 +449,7 @@ class ParityItem(ComparisonItem):
         settings = self.config.stash[SETTINGS_KEY]
         runner = get_runner(self.config)
         chain = get_chain(self.config)
-        deadline = settings.load_timeout_s
+        deadline = settings.call_timeout_s
         corpora: list[str] = self.config.stash[CORPORA_KEY]
         merged = f"stage{self.stage}" if self.kind == "stage" else "merged"
         dtype = compute_dtype(chain.resolve(merged), settings)
@@ -511,7 +519,7 @@ class AgreementItem(ComparisonItem):
         corpora: list[str] = self.config.stash[CORPORA_KEY]
         report = parity.compare_backends(runner, sides, parity.corpus_texts(corpora, settings.corpus),
                                          parity.greedy_prompts(), Checkpoint(spec.path), settings,
-                                         settings.load_timeout_s)
+                                         settings.call_timeout_s)
         self.conclude(report)
 
     def failure_head(self) -> str:

@@ -77,15 +77,18 @@ class Runner:
         return worker.generate([item.request], item.deadline_s)[0]
 
     def generate_all(self, key: WorkerKey, requests: Sequence[GenRequest], deadline_s: float) -> list[Generation]:
-        """Greedy generations of `requests` on a worker in one batch (comparisons, users' own tests)."""
-        return self.worker(key).generate(list(requests), deadline_s)
+        """Greedy generations of `requests` on a worker in one batch (comparisons, users' own tests).
+
+        `deadline_s` is per request: the batch gets it once for each of its requests."""
+        return self.worker(key).generate(list(requests), deadline_s * max(1, len(requests)))
 
     def score(self, key: WorkerKey, requests: Sequence[ScoreRequest], deadline_s: float) -> list[TokenLogprobs]:
-        """Teacher-forced scores of `requests` on a worker, each computed once per model and dtype."""
+        """Teacher-forced scores of `requests` on a worker, each computed once per model and dtype;
+        `deadline_s` is per request scored."""
         identity = self._identity(key)
         todo = list(dict.fromkeys(r for r in requests if (identity, r) not in self._scores))
         if todo:
-            results: list[TokenLogprobs] = self.worker(key).call("score", todo, deadline_s)
+            results: list[TokenLogprobs] = self.worker(key).call("score", todo, deadline_s * len(todo))
             self._scores.update(((identity, r), s) for r, s in zip(todo, results))
         return [self._scores[(identity, r)] for r in requests]
 

@@ -156,6 +156,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "seconds a worker may take to load its model (default 900)", "SECONDS",
     ),
     OptionSpec(
+        "call_timeout_s", "--llm-call-timeout", "llm_call_timeout", "LLMMERGE_CALL_TIMEOUT", "float",
+        "seconds parity and agreement give a worker per text scored or prompt generated; a call of n gets "
+        "n times it, and a worker that misses it is killed and the item fails (default 120)", "SECONDS",
+    ),
+    OptionSpec(
         "tensor_parallel_size", "--llm-tensor-parallel-size", "llm_tensor_parallel_size",
         "LLMMERGE_TENSOR_PARALLEL_SIZE", "int", "GPUs vLLM splits each model over (default 1)", "N",
     ),
@@ -220,6 +225,7 @@ class Settings:
     suite_globs: tuple[str, ...] = ()
     batch_size: int = 8
     load_timeout_s: float = 900.0
+    call_timeout_s: float = 120.0
     dtype: str = "auto"
     device: str = "cpu"
 
