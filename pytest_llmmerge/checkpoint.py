@@ -46,6 +46,39 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 # checkpoints nest the language model, so whole names do not work).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
+# config.json keys no forward pass reads, or that other checks own: a save may change, add or
+# drop them (transformers 4.x configs carried generation defaults and pretraining_tp; 5.x writes
+# dtype) without changing the model.  Rope keys are compared through their resolved values.
+CONFIG_KEYS_IGNORED = frozenset({
+    "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "architectures", "model_type",
+    "auto_map", "vocab_size", "tie_word_embeddings", "quantization_config", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "attn_implementation", "_attn_implementation",
+    "_attn_implementation_autoset", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    "sep_token_id", "decoder_start_token_id", "pretraining_tp", "id2label", "label2id", "problem_type",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "keys_to_ignore_at_inference",
+    "use_bfloat16", "tf_legacy_loss", "chunk_size_feed_forward", "is_decoder", "is_encoder_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "pruned_heads",
+    "rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq", "partial_rotary_factor",
+    "attention_dropout", "hidden_dropout", "dropout", "embd_pdrop", "resid_pdrop", "attn_pdrop",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+# Keys whose value decides shapes or the arithmetic of a forward pass: a different value on both
+# sides is an error.  Other differing keys are shown as warnings.
+CONFIG_KEYS_COMPUTED = frozenset({
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "head_dim", "tie_word_embeddings", "rope", "hidden_act", "hidden_activation", "activation_function",
+    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "sliding_window", "layer_types",
+    "use_sliding_window", "max_window_layers", "sliding_window_pattern", "attention_bias", "mlp_bias",
+    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "num_experts",
+    "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "norm_topk_prob", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "rotary_pct", "rotary_emb_base",
+    "use_parallel_residual", "scale_embedding", "embedding_multiplier", "logits_scaling", "residual_multiplier",
+    "attention_multiplier", "qk_layernorm", "position_embedding_type",
+})
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
@@ -264,28 +297,28 @@ class Checkpoint:
             return self.generation_eos_ids()
         return _id_set(self.config.get("eos_token_id", self.text_config.get("eos_token_id")))
 
-    def architecture(self) -> dict[str, Any]:
-        """The config values that define shapes and positions, as transformers resolves them
-        whichever version wrote the file (v5 moved rope_theta into rope_parameters, writes head_dim
-        and drops defaults).  None where the file leaves a value to the model class."""
+    def architecture(self) -> tuple[dict[str, Any], frozenset[str]]:
+        """(values, derived): the config values of the language model as transformers resolves
+        them, whichever version wrote the file, and the names of those this side derived rather
+        than stated.  Rope parameters come per attention layer type ("" when one set serves all),
+        from wherever the writing version put them; keys no forward pass reads are left out."""
         config = self.text_config
-        heads = _positive_int(config.get("num_attention_heads"))
-        hidden = _positive_int(config.get("hidden_size"))
-        head_dim = _positive_int(config.get("head_dim"))
-        if head_dim is None and hidden is not None and heads is not None:
-            head_dim = hidden // heads
+        values = {k: v for k, v in config.items() if k not in CONFIG_KEYS_IGNORED and not isinstance(v, dict)}
+        derived: set[str] = set()
+        heads, hidden = _positive_int(config.get("num_attention_heads")), _positive_int(config.get("hidden_size"))
+        if values.get("head_dim") is None and heads is not None and hidden is not None:
+            # Most model classes default to hidden/heads; where one does not (Gemma), the other
+            # side states it and the difference stays a warning, since this side is a derivation.
+            values["head_dim"] = hidden // heads
+            derived.add("head_dim")
+        if values.get("num_key_value_heads") is None and heads is not None:
+            values["num_key_value_heads"] = heads  # every model class's default: exact, not a guess
         tie = config.get("tie_word_embeddings", self.config.get("tie_word_embeddings"))
-        return {
-            "hidden_size": hidden,
-            "num_hidden_layers": _positive_int(config.get("num_hidden_layers")),
-            "num_attention_heads": heads,
-            # Absent means one key/value head per query head in every transformers model that has it.
-            "num_key_value_heads": _positive_int(config.get("num_key_value_heads")) or heads,
-            "intermediate_size": _positive_int(config.get("intermediate_size")),
-            "head_dim": head_dim,
-            "tie_word_embeddings": tie if isinstance(tie, bool) else None,
-            "rope": _rope_parameters(config),
-        }
+        values["tie_word_embeddings"] = tie if isinstance(tie, bool) else None
+        rope = _rope_parameters(config)
+        if rope is not None:
+            values["rope"] = rope
+        return values, frozenset(derived)
 
     # --- tokenizer -------------------------------------------------------------------------
 
@@ -358,17 +391,16 @@ class Checkpoint:
         return content, self.token_ids.get(content)
 
     def chat_template(self) -> tuple[str, str] | None:
-        """(template, file it came from); the standalone files win, as transformers loads them."""
+        """(template, file it came from) as the tokenizer loads it: chat_template.jinja wins over
+        tokenizer_config.json.  chat_template.json is read by multimodal processors only, never
+        by AutoTokenizer, so a template only there is no chat template for a language model."""
         if self.has(CHAT_TEMPLATE_JINJA):
             try:
                 return (self.path / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8"), CHAT_TEMPLATE_JINJA
             except (OSError, UnicodeDecodeError):
                 return None
-        for name in (CHAT_TEMPLATE_JSON, TOKENIZER_CONFIG):
-            template = _pick_template(self.json_object(name).get("chat_template"))
-            if template:
-                return template, name
-        return None
+        template = _pick_template(self.tokenizer_config.get("chat_template"))
+        return (template, TOKENIZER_CONFIG) if template else None
 
     # --- weights ---------------------------------------------------------------------------
 
@@ -420,8 +452,9 @@ class Checkpoint:
         return [n for n in self.model_weight_files() if n not in loaded]
 
     def tensor_locations(self) -> dict[str, tuple[str, TensorInfo]]:
-        """tensor -> (file, info) for what the loader reads: with an index, each tensor from the
-        shard the index names for it (a copy in another file is never read)."""
+        """tensor -> (file, info) for what the loaders read: every tensor of every file they
+        read (the index lists files; transformers and vLLM then read all of each), a tensor held
+        twice taken from the shard the index names for it.  Files no loader reads never count."""
         weight_map = self.index_weight_map() if WEIGHTS_FILE not in self.files else None
         out: dict[str, tuple[str, TensorInfo]] = {}
         for shard in self.loaded_weight_files():
@@ -429,7 +462,7 @@ class Checkpoint:
             if not isinstance(header, SafetensorsHeader):
                 continue
             for name, info in header.tensors.items():
-                if weight_map is None or weight_map.get(name) == shard:
+                if name not in out or (weight_map is not None and weight_map.get(name) == shard):
                     out[name] = (shard, info)
         return out
 
@@ -452,7 +485,8 @@ class Checkpoint:
         return {name: info for name, (_, info) in self.tensor_locations().items()}
 
     def tensor_names(self) -> set[str]:
-        """Tensor names the loader expects: the index's where it is used, else the headers'."""
+        """Tensor names the checkpoint declares: those the loaders read, and those its index
+        promises (a promised tensor no shard holds is missing, not absent)."""
         names = set(self.tensor_shapes())
         weight_map = self.index_weight_map() if WEIGHTS_FILE not in self.files else None
         if weight_map is not None:
@@ -493,13 +527,17 @@ def _positive_int(value: Any) -> int | None:
 
 def _rope_parameters(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
     """Rotary-embedding parameters per attention layer type ("" when one set serves all), from
-    wherever the writing version put them: v4's top-level rope_theta and rope_scaling, v5's
-    rope_parameters (flat, or one dict per layer type).  None when no rope setting is stated."""
+    wherever the writing version put them: v4's top-level rope_theta, rope_scaling and (Gemma)
+    rope_local_base_freq for sliding layers; v5's rope_parameters, flat or one dict per layer
+    type.  Identical sets collapse into "".  None when no rope setting is stated."""
     params = config.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         layers = {str(k): dict(v) for k, v in params.items()}
     else:
-        layers = {"": dict(params) if isinstance(params, dict) else {}}
+        flat = dict(params) if isinstance(params, dict) else {}
+        local = config.get("rope_local_base_freq")
+        layers = {"full_attention": flat, "sliding_attention": {**flat, "rope_theta": local}} \
+            if local is not None else {"": flat}
     legacy = config.get("rope_scaling")
     for values in layers.values():
         for key, value in (legacy.items() if isinstance(legacy, dict) else ()):
@@ -513,7 +551,8 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None
         return None
     for values in layers.values():
         values.setdefault("rope_type", "default")
-    return layers
+    first = next(iter(layers.values()))
+    return {"": first} if all(values == first for values in layers.values()) else layers
 
 
 def _token_content(value: Any) -> str:

@@ -17,7 +17,10 @@ from typing import Any, Literal
 
 from . import chat_template
 from .checkpoint import (
+    CHAT_TEMPLATE_JSON,
+    SPECIAL_TOKEN_KEYS,
     CONFIG,
+    CONFIG_KEYS_COMPUTED,
     EMBEDDING_SUFFIXES,
     GENERATION_CONFIG,
     LM_HEAD_SUFFIXES,
@@ -96,7 +99,7 @@ CODES: dict[str, tuple[str, str]] = {
     "WGT009": ("warning: tensor dtypes differ from the base", "a legitimate save in another dtype, shown for review"),
     "WGT010": ("LoRA leftovers in the weights (lora_A/lora_B/base_layer/modules_to_save keys)",
                "an adapter saved instead of merged: loaders ignore the keys and the fine-tune is lost"),
-    "WGT011": ("the index and a shard's header disagree about which tensors the shard holds",
+    "WGT011": ("tensors the index promises are held by no shard the loaders read",
                "shards from two different saves mixed in one directory"),
     "WGT012": ("adapter_config.json inside the merged checkpoint",
                "transformers then loads the directory as an adapter on its recorded base"),
@@ -119,6 +122,11 @@ CODES: dict[str, tuple[str, str]] = {
                "transformers model.safetensors"),
     "WGT021": ("warning: embedding rows added for tokens added beyond the base's vocabulary",
                "a pad or chat token added with resized embeddings; shown for review"),
+    "WGT022": ("warning: shard names in the index are not the canonical <prefix>-0000i-of-0000n.safetensors",
+               "loaders read the files the index names whatever they are called; shown for review"),
+    "WGT023": ("warning: the index names another listed shard for a tensor than the one holding it, or "
+               "does not name it", "an index rewritten by hand or by a resharding tool; loaders still read "
+                                   "every tensor of every listed shard"),
     "MRG001": ("a tensor lost more than --llm-audit-max-error of the adapters' float32 update, beyond what rounding "
                "to the candidate's own storage dtype forces (with --llm-audit-merge)",
                "adapter fine, merged model worse: a merge rounded through bfloat16/float16 (peft #1388, unsloth #1267)"),
@@ -134,11 +142,21 @@ CODES: dict[str, tuple[str, str]] = {
                "custom modeling code runs at load time"),
 }
 
+RECOMPUTED_BUFFER = re.compile(r"(rotary_emb\.(inv_freq|cos_cached|sin_cached)|\.attn\.(bias|masked_bias))$")
 LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
                        r"modules_to_save|original_module)(\.|$)")
 # Special-token roles that change generation: bos is put into every prompt, eos is where it
 # stops.  The others (pad, unk, sep, ...) are changed by ordinary SFT recipes.
 _GENERATION_ROLES = ("bos_token", "eos_token")
+# GenerationConfig's defaults for the settings saves commonly write out or leave away.
+_GENERATION_DEFAULTS: dict[str, Any] = {
+    "use_cache": True, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
+    "output_logits": None, "return_dict_in_generate": False, "do_sample": False, "num_beams": 1,
+    "num_beam_groups": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "min_p": None,
+    "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+    "max_length": 20, "min_length": 0, "num_return_sequences": 1, "early_stopping": False,
+    "renormalize_logits": False, "remove_invalid_values": False,
+}
 _GEN_IGNORED = {"transformers_version", "eos_token_id", "_from_model_config"}
 
 
@@ -243,24 +261,48 @@ def check_config_vs_base(ctx: Context) -> list[Finding]:
         if model.config.get(key) != base.config.get(key):
             findings.append(Finding(code, "error", f"{key} is {model.config.get(key)!r}, base has "
                                     f"{base.config.get(key)!r}", CONFIG))
-    mine, theirs = model.architecture(), base.architecture()
-    differ = [k for k in mine if mine[k] != theirs[k]]
-    changed = [f"{k}: base {theirs[k]!r}, model {mine[k]!r}" for k in differ
-               if mine[k] is not None and theirs[k] is not None]
-    if changed:
+    (mine, mine_derived), (theirs, theirs_derived) = model.architecture(), base.architecture()
+    mine, theirs = _flat_rope(mine, theirs), _flat_rope(theirs, mine)
+    derived = mine_derived | theirs_derived
+    errors, notes = [], []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if a == b:
+            continue
+        text = f"{key}: base {b!r}, model {a!r}"
+        if a is None or b is None:
+            notes.append(f"{text} (one side leaves it to the model class's default)")
+        elif key in derived:
+            notes.append(f"{text} (derived from hidden_size / num_attention_heads on one side)")
+        elif key.split("[")[0].split(".")[0] in CONFIG_KEYS_COMPUTED:
+            errors.append(text)
+        else:
+            notes.append(text)
+    if errors:
         findings.append(Finding("CFG007", "error", "values differ from the base (as transformers resolves them, "
-                                "whichever version wrote the file): " + "; ".join(changed), CONFIG))
-    notes = [f"{k}: base {theirs[k]!r}, model {mine[k]!r} (one side leaves it to the model class's default)"
-             for k in differ if mine[k] is None or theirs[k] is None]
-    length, base_length = (c.text_config.get("max_position_embeddings") for c in (model, base))
-    if length != base_length:
-        notes.append(f"max_position_embeddings: base {base_length!r}, model {length!r}")
+                                "whichever version wrote the file): " + "; ".join(errors), CONFIG))
     if notes:
-        findings.append(Finding("CFG008", "warning", "; ".join(notes), CONFIG))
+        findings.append(Finding("CFG008", "warning", "; ".join(notes[:8]) + (
+            f"; and {len(notes) - 8} more" if len(notes) > 8 else ""), CONFIG))
     if model.config_dtype != base.config_dtype:
         findings.append(Finding("CFG006", "warning", f"dtype is {model.config_dtype!r}, base has "
                                 f"{base.config_dtype!r}", CONFIG))
     return findings
+
+
+def _flat_rope(values: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """`values` with its rope parameters as one key each ("rope[sliding_attention].rope_theta"),
+    a single set ("") spread over the other side's layer types, so that each parameter is
+    compared on its own and one side stating a parameter the other leaves out is no error."""
+    out = {k: v for k, v in values.items() if k != "rope"}
+    rope: dict[str, dict[str, Any]] = values.get("rope") or {}
+    other_types = [t for t in (other.get("rope") or {}) if t]
+    if set(rope) == {""} and other_types:
+        rope = {t: rope[""] for t in other_types}
+    for layer_type, params in rope.items():
+        for name, value in params.items():
+            out[f"rope[{layer_type}].{name}" if layer_type else f"rope.{name}"] = value
+    return out
 
 
 # --- generation config -------------------------------------------------------------------------
@@ -355,12 +397,19 @@ def check_generation_config_vs_base(ctx: Context) -> list[Finding]:
                                     if model.has(GENERATION_CONFIG) else
                                     f"Fix: write a {GENERATION_CONFIG} (the base's) with eos_token_id "
                                     f"{sorted(base_eos)}"), GENERATION_CONFIG))
-    changed = [f"{k}: base {base.generation_config.get(k)!r}, model {model.generation_config.get(k)!r}"
-               for k in sorted(set(base.generation_config) | set(model.generation_config))
-               if k not in _GEN_IGNORED and base.generation_config.get(k) != model.generation_config.get(k)]
+    mine, theirs = model.generation_config, base.generation_config
+    changed = [f"{k}: base {theirs.get(k)!r}, model {mine.get(k)!r}"
+               for k in sorted(set(theirs) | set(mine))
+               if k not in _GEN_IGNORED and _generation_value(theirs, k) != _generation_value(mine, k)]
     if changed:
         findings.append(Finding("GEN006", "warning", "; ".join(changed), GENERATION_CONFIG))
     return findings
+
+
+def _generation_value(config: dict[str, Any], key: str) -> Any:
+    """A generation setting as GenerationConfig resolves it: an absent key is its default, so a
+    save that writes a default explicitly (or drops it) changes nothing."""
+    return config.get(key, _GENERATION_DEFAULTS.get(key))
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -393,7 +442,13 @@ def check_tokenizer_vs_base(ctx: Context) -> list[Finding]:
         raise CheckSkipped("the base's tokenizer files are incomplete")
     findings = []
     mine, theirs = model.special_tokens(), base.special_tokens()
-    changed = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    changed = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k) and ":" not in k
+               and not k.startswith("additional_special_tokens[")]
+    extra_mine, extra_theirs = _extra_special(model), _extra_special(base)
+    if extra_mine != extra_theirs:
+        changed.append("additional special tokens")
+        mine["additional special tokens"] = str(sorted(extra_mine))
+        theirs["additional special tokens"] = str(sorted(extra_theirs))
     by_severity: tuple[tuple[Severity, str, list[str]], ...] = (
         ("error", "TOK002", [k for k in changed if k in _GENERATION_ROLES]),
         ("warning", "TOK007", [k for k in changed if k not in _GENERATION_ROLES]))
@@ -419,6 +474,15 @@ def check_tokenizer_vs_base(ctx: Context) -> list[Finding]:
     return findings
 
 
+def _extra_special(ckpt: Checkpoint) -> set[str]:
+    """The tokenizer's additional special tokens, however the writing version listed them
+    (additional_special_tokens, extra_special_tokens, or only as special added tokens, which is
+    what they are to the tokenizer either way)."""
+    listed = {v for k, v in ckpt.special_tokens().items() if ":" in k or k.startswith("additional_special_tokens[")}
+    named = set(ckpt.special_tokens()[k] for k in SPECIAL_TOKEN_KEYS if k in ckpt.special_tokens())
+    return listed | {t["content"] for t in ckpt.added_tokens() if t["special"] and t["content"] not in named}
+
+
 def _listed_pairs(lost: list[tuple[int, str]], now: dict[int, str]) -> str:
     shown = [f"{i} {c!r} (now {now[i]!r})" if i in now else f"{i} {c!r}" for i, c in lost[:5]]
     return ", ".join(shown) + (" ..." if len(lost) > 5 else "")
@@ -431,9 +495,11 @@ def check_chat_template_vs_base(ctx: Context) -> list[Finding]:
         raise CheckSkipped("the base has no chat template to compare with")
     found = ctx.model.chat_template()
     if found is None:
-        return [Finding("TOK004", "error", f"no chat template (base has one in {base_template[1]}): chat "
-                        f"prompts will be rendered wrongly or refused. Fix: copy {base_template[1]} from the base",
-                        TOKENIZER_CONFIG)]
+        only_json = " (chat_template.json is read by multimodal processors, not by the tokenizer)" \
+            if ctx.model.has(CHAT_TEMPLATE_JSON) else ""
+        return [Finding("TOK004", "error", f"no chat template the tokenizer loads{only_json}; the base has one "
+                        f"in {base_template[1]}: chat prompts will be rendered wrongly or refused. Fix: copy "
+                        f"{base_template[1]} from the base", TOKENIZER_CONFIG)]
     template, source = found
     base_renders = chat_template.render_samples(base_template[0], base.special_tokens())
     renders = chat_template.render_samples(template, ctx.model.special_tokens())
@@ -511,18 +577,22 @@ def _check_index(model: Checkpoint, index: str, shards: list[str]) -> list[Findi
     parts = [shard_name_parts(s) for s in by_shard]
     totals = {p[2] for p in parts if p is not None}
     if any(p is None or p[0] != prefix for p in parts) or len(totals) > 1 or (totals and totals != {len(by_shard)}):
-        findings.append(Finding("WGT004", "warning", f"shard names in {index} are not the canonical "
+        findings.append(Finding("WGT022", "warning", f"shard names in {index} are not the canonical "
                                 f"{prefix}-0000i-of-{len(by_shard):05d}.safetensors: {sorted(by_shard)[:4]}", index))
-    for shard in sorted(set(by_shard) & set(shards)):
-        header = model.header(shard)
-        if not isinstance(header, SafetensorsHeader):
-            continue
-        listed, held = by_shard[shard], set(header.tensors)
-        if listed != held:
-            missing, extra = sorted(listed - held), sorted(held - listed)
-            findings.append(Finding("WGT011", "error", f"{index} and the header of {shard} disagree: "
-                                    f"{len(missing)} indexed tensor(s) not in the shard {missing[:3]}, "
-                                    f"{len(extra)} tensor(s) in the shard not indexed {extra[:3]}", shard))
+    # Loaders read every tensor of every listed shard, so only a promised tensor that no listed
+    # shard holds is lost; a tensor in another listed shard than the index says is still read.
+    readable = [s for s in set(by_shard) & set(shards) if isinstance(model.header(s), SafetensorsHeader)]
+    held = model.tensor_locations()
+    if len(readable) == len(set(by_shard) & set(shards)):  # an unreadable shard is WGT005's
+        lost = sorted(n for n, s in weight_map.items() if s in shards and n not in held)
+        if lost:
+            findings.append(Finding("WGT011", "error", f"{len(lost)} tensor(s) the index promises are in no shard "
+                                    f"loaders read, e.g. {lost[:3]}: loaders initialise them at random", index))
+    moved = sorted(n for n, (s, _) in held.items() if weight_map.get(n) != s)
+    if moved:
+        findings.append(Finding("WGT023", "warning", f"{index} does not describe its shards exactly: {len(moved)} "
+                                f"tensor(s) held by another listed shard than it names, or not named, e.g. "
+                                f"{moved[:3]} (loaders still read them)", index))
     return findings
 
 
@@ -556,11 +626,18 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
         raise CheckSkipped("the model has no safetensors weights to compare (see WGT001/SAF001)")
     if _weights_unreadable(base):
         raise CheckSkipped("the base has no safetensors weights to compare with")
+    for ckpt, whose in ((model, "the model's"), (base, "the base's")):
+        broken = [f for f in ckpt.loaded_weight_files() if isinstance(ckpt.header(f), HeaderError)]
+        if broken:
+            raise CheckSkipped(f"{whose} {broken[0]} has an unreadable header (see WGT005): its tensors are unknown")
     findings = []
-    names = {n for n in model.tensor_names() if not LORA_KEY.search(n)}
-    base_names = base.tensor_names()
+    # Either side tied: the output layer is the embedding there, and a tie flag that differs is
+    # CFG007's (with WGT015/WGT016 on the tensors), not a missing tensor.
+    tied = any(c.architecture()[0].get("tie_word_embeddings") is True for c in (model, base))
+    names, base_names = _loaded_names(model, tied), _loaded_names(base, tied)
     missing, extra = sorted(base_names - names), sorted(names - base_names)
-    if missing or extra:
+    # Adapter tensors saved instead of merged rename the base weights: WGT010 says so, in words.
+    if (missing or extra) and not any(LORA_KEY.search(n) for n in model.tensor_names()):
         findings.append(Finding("WGT007", "error", f"tensor names differ from the base: {len(missing)} missing "
                                 f"{missing[:4]}, {len(extra)} extra {extra[:4]}", _weights_file(model)))
     shapes, base_shapes = model.tensor_shapes(), base.tensor_shapes()
@@ -582,6 +659,14 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
         summary = ", ".join(f"{count} tensor(s) {change}" for change, count in dtype_changes.most_common())
         findings.append(Finding("WGT009", "warning", f"dtypes differ from the base: {summary}", _weights_file(model)))
     return findings
+
+
+def _loaded_names(ckpt: Checkpoint, tied: bool) -> set[str]:
+    """Tensor names that decide what a loader builds: without the buffers loaders recompute
+    (rotary inv_freq, attention masks of old GPT-2 saves) and, for a tied model, without the
+    output layer (saved or not, it is the input embedding)."""
+    return {n for n in ckpt.tensor_names()
+            if not RECOMPUTED_BUFFER.search(n) and not (tied and n.endswith(LM_HEAD_SUFFIXES))}
 
 
 def _vocabulary_grown(model: Checkpoint, name: str, shape: tuple[int, ...], base_shape: tuple[int, ...]) -> bool:
@@ -649,7 +734,7 @@ CHECKS: tuple[Check, ...] = (
     Check("tokenizer_vs_base", ("TOK002", "TOK003", "TOK007", "TOK008"), True, check_tokenizer_vs_base),
     Check("chat_template_vs_base", ("TOK004", "TOK005", "TOK006"), True, check_chat_template_vs_base),
     Check("weight_files", ("WGT001", "WGT002", "WGT003", "WGT004", "WGT005", "WGT006", "WGT011", "WGT019",
-                           "WGT020"), False, check_weight_files),
+                           "WGT020", "WGT022", "WGT023"), False, check_weight_files),
     Check("weights_vs_base", ("WGT007", "WGT008", "WGT009", "WGT021"), True, check_weights_vs_base),
     Check("lora_leftovers", ("WGT010", "WGT012"), False, check_lora_leftovers),
     Check("safety", ("SAF001", "SAF002"), False, check_safety),

@@ -106,10 +106,16 @@ def tokenizer_eos_dropped_from_eos(ckpt: Path) -> None:
 
 
 def chat_template_deleted(ckpt: Path) -> None:
-    """LlamaFactory #8399: the template is gone from every place transformers looks."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        (ckpt / name).unlink(missing_ok=True)
+    """LlamaFactory #8399: the template is gone from every place the tokenizer looks."""
+    (ckpt / "chat_template.jinja").unlink(missing_ok=True)
     _edit(ckpt / "tokenizer_config.json", lambda cfg: cfg.pop("chat_template", None) and None)
+
+
+def chat_template_only_in_processor_file(ckpt: Path) -> None:
+    """The template moved to chat_template.json, which AutoTokenizer never reads."""
+    template = (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
+    chat_template_deleted(ckpt)
+    _write(ckpt / "chat_template.json", {"chat_template": template})
 
 
 def chat_template_edited(ckpt: Path) -> None:
@@ -387,6 +393,7 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "end_of_turn_dropped_from_eos": (end_of_turn_dropped_from_eos, {"GEN003", "GEN005"}, {"GEN005"}),
     "tokenizer_eos_dropped_from_eos": (tokenizer_eos_dropped_from_eos, {"GEN003", "GEN004"}, {"GEN004"}),
     "chat_template_deleted": (chat_template_deleted, {"TOK004"}, set()),
+    "chat_template_only_in_processor_file": (chat_template_only_in_processor_file, {"TOK004"}, set()),
     "chat_template_edited": (chat_template_edited, {"TOK005"}, set()),
     "chat_template_broken": (chat_template_broken, {"TOK006"}, set()),
     "special_token_changed": (special_token_changed, {"TOK002"}, set()),
@@ -428,3 +435,60 @@ def broken_copy(healthy: Path, dest: Path, name: str) -> Path:
     shutil.copytree(healthy, dest)
     BREAKAGES[name][0](dest)
     return dest
+
+
+# --- healthy variations: what loaders read is unchanged, so no check may fail -----------------
+
+def rotary_buffers_saved(ckpt: Path) -> None:
+    """Old hub checkpoints carry rotary inv_freq buffers that loaders recompute and ignore."""
+    shard = shards(ckpt)[0]
+
+    def add(tensors: dict[str, np.ndarray]) -> None:
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.linspace(1, 0, 16, dtype=np.float32)
+    _rewrite_shard(ckpt, shard, add)
+
+
+def tied_lm_head_saved(ckpt: Path) -> None:
+    """A tied model saved with lm_head.weight too, equal to the embedding (some exporters do)."""
+    shard, name = _shard_holding(ckpt, "embed_tokens.weight")
+
+    def add(tensors: dict[str, np.ndarray]) -> None:
+        tensors["lm_head.weight"] = tensors[name].copy()
+    _rewrite_shard(ckpt, shard, add)
+
+
+def index_names_another_listed_shard(ckpt: Path) -> None:
+    """An index that names the wrong one of its listed shards for a tensor: loaders read every
+    tensor of every listed shard, so it is still loaded."""
+    index = _index(ckpt)
+    assert index is not None, "needs a sharded checkpoint"
+
+    def move(value: dict[str, Any]) -> None:
+        weight_map = value["weight_map"]
+        counts: dict[str, int] = {}
+        for shard in weight_map.values():
+            counts[shard] = counts.get(shard, 0) + 1
+        name = next(n for n in sorted(weight_map) if counts[weight_map[n]] > 1)  # its shard stays listed
+        weight_map[name] = next(s for s in sorted(counts) if s != weight_map[name])
+    _edit(index, move)
+
+
+def index_omits_a_tensor_of_a_listed_shard(ckpt: Path) -> None:
+    index = _index(ckpt)
+    assert index is not None, "needs a sharded checkpoint"
+
+    def drop(value: dict[str, Any]) -> None:
+        weight_map = value["weight_map"]
+        counts: dict[str, int] = {}
+        for shard in weight_map.values():
+            counts[shard] = counts.get(shard, 0) + 1
+        del weight_map[next(n for n in sorted(weight_map) if counts[weight_map[n]] > 1)]
+    _edit(index, drop)
+
+
+# name -> (change, warning codes expected with --llm-base)
+HEALTHY_VARIATIONS: dict[str, tuple[Breakage, set[str]]] = {
+    "rotary_buffers_saved": (rotary_buffers_saved, set()),
+    "index_names_another_listed_shard": (index_names_another_listed_shard, {"WGT023"}),
+    "index_omits_a_tensor_of_a_listed_shard": (index_omits_a_tensor_of_a_listed_shard, {"WGT023"}),
+}

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 BASE = FIXTURES / "base"
 MERGED = FIXTURES / "merged"
+TIED = FIXTURES / "tied"
 ADAPTERS = (FIXTURES / "adapters" / "lora1", FIXTURES / "adapters" / "lora2")
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from breakage import BREAKAGES
-from conftest import BASE, MERGED
+from breakage import BREAKAGES, HEALTHY_VARIATIONS, rotary_buffers_saved, tied_lm_head_saved
+from conftest import BASE, MERGED, TIED
 from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.docs import ALL_CHECKS
 from pytest_llmmerge.integrity import CHECKS, CODES, CheckOutcome, Context, run_all, run_check
@@ -135,3 +138,80 @@ def test_scan_reads_no_tensor_data(monkeypatch: pytest.MonkeyPatch) -> None:
     assert error_codes(scan(MERGED)) == set()
     weights = sum(p.stat().st_size for p in MERGED.glob("*.safetensors"))
     assert 0 < read < weights / 20
+
+
+def _v4(config: dict[str, Any]) -> dict[str, Any]:
+    """The transformers 4.x layout of a 5.x config: top-level rope, torch_dtype, no head_dim."""
+    old = {k: v for k, v in config.items() if k not in ("rope_parameters", "dtype", "head_dim")}
+    rope = dict(config.get("rope_parameters") or {})
+    old["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        old["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}  # the older spelling of rope_type
+    old["torch_dtype"], old["transformers_version"] = config.get("dtype"), "4.46.0"
+    return old
+
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("base_edit,model_edit,errors,warnings", [
+    # Healthy: the same model written by transformers 4.x (base) and 5.x (merge).
+    (_v4, None, set(), set()),
+    (lambda c: _v4({**c, "rope_parameters": LLAMA3}), lambda c: {**c, "rope_parameters": LLAMA3}, set(), set()),
+    # Gemma 3: 4.x wrote the sliding layers' theta as rope_local_base_freq, 5.x per layer type.
+    (lambda c: {**_v4(c), "rope_theta": 1e6, "rope_local_base_freq": 1e4},
+     lambda c: {**c, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     set(), set()),
+    # A parameter only one side states, or a head_dim one side derives: shown, not failed.
+    (None, lambda c: {**c, "rope_parameters": {**c["rope_parameters"], "partial_rotary_factor": 1.0}}, set(),
+     {"CFG008"}),
+    (lambda c: {k: v for k, v in c.items() if k != "head_dim"}, lambda c: {**c, "head_dim": 64}, set(), {"CFG008"}),
+    (None, lambda c: {**c, "max_position_embeddings": 4096}, set(), {"CFG008"}),
+    # Broken: what the forward pass computes changed.
+    (lambda c: _v4({**c, "rope_parameters": LLAMA3}), lambda c: {**c, "rope_parameters": {**LLAMA3, "factor": 2.0}},
+     {"CFG007"}, None),
+    (None, lambda c: {**c, "hidden_act": "gelu"}, {"CFG007"}, None),
+    (None, lambda c: {**c, "rms_norm_eps": 0.1}, {"CFG007"}, None),
+    (lambda c: {**c, "sliding_window": 256}, lambda c: {**c, "sliding_window": 16}, {"CFG007"}, None),
+    (_v4, lambda c: {**c, "rope_parameters": {**c["rope_parameters"], "rope_theta": 500000.0}}, {"CFG007"}, None),
+    (None, lambda c: {**c, "num_key_value_heads": 2}, {"CFG007"}, None),
+])
+def test_config_values_are_compared_as_transformers_resolves_them(
+        tmp_path: Path, base_edit: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        model_edit: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        errors: set[str], warnings: set[str] | None) -> None:
+    base, model = (Path(shutil.copytree(source, tmp_path / name)) for source, name in ((BASE, "b"), (MERGED, "m")))
+    for directory, edit in ((base, base_edit), (model, model_edit)):
+        if edit is not None:
+            config = json.loads((directory / "config.json").read_text())
+            (directory / "config.json").write_text(json.dumps(edit(config)))
+    outcome = run_check(next(c for c in CHECKS if c.name == "config_vs_base"), Context(Checkpoint(model),
+                                                                                     Checkpoint(base)))
+    assert {f.code for f in outcome.errors} == errors, outcome.findings
+    if warnings is not None:
+        assert {f.code for f in outcome.warnings} == warnings, outcome.findings
+
+
+@pytest.mark.parametrize("name", sorted(HEALTHY_VARIATIONS))
+def test_changes_loaders_do_not_see_fail_nothing(name: str, tmp_path: Path) -> None:
+    change, warnings = HEALTHY_VARIATIONS[name]
+    model = Path(shutil.copytree(MERGED, tmp_path / name))
+    change(model)
+    outcomes = scan(model)
+    assert error_codes(outcomes) == set(), [f.render() for o in outcomes for f in o.errors]
+    assert {f.code for o in outcomes for f in o.warnings} == warnings
+
+
+def test_a_tied_model_saved_with_its_lm_head_passes(tmp_path: Path) -> None:
+    model = Path(shutil.copytree(TIED, tmp_path / "tied"))
+    tied_lm_head_saved(model)
+    outcomes = scan(model, base=TIED)
+    assert error_codes(outcomes) == set(), [f.render() for o in outcomes for f in o.errors]
+
+
+def test_a_base_with_rotary_buffers_compares_equal(tmp_path: Path) -> None:
+    base = Path(shutil.copytree(BASE, tmp_path / "base"))
+    rotary_buffers_saved(base)
+    assert error_codes(scan(MERGED, base=base)) == set()
