@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +60,73 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# --- no orphan after the suite -----------------------------------------------------------------
+# Every process the suite starts (pytester runs, their model workers, vLLM engines) inherits this
+# mark; at the end of the session none of them may still run.
+
+SESSION_MARK = "LLMMERGE_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+ORPHAN_GRACE_S = 30
+
+
+def _marked_processes() -> list[int]:
+    """Live processes other than this one that carry this session's mark."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0") and \
+                    "zombie" not in (proc / "status").read_text():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _left_running() -> list[int]:
+    """Marked processes that are not this session's own pytest-xdist workers or their parents."""
+    ancestors = {os.getpid(), os.getppid()}
+    return [pid for pid in _marked_processes() if pid not in ancestors and not _is_xdist_node(pid)]
+
+
+def _is_xdist_node(pid: int) -> bool:
+    try:
+        return b"execnet" in Path(f"/proc/{pid}/cmdline").read_bytes() or \
+            int(Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[1]) == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput") or not Path("/proc/self/environ").exists():
+        return  # an xdist worker: the controller checks once all of them are done
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    left = _left_running()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _left_running()
+    if left:
+        described = [f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ')[:160]!r}"
+                     for pid in left if Path(f"/proc/{pid}/cmdline").exists()]
+        _ORPHANS.extend(described)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_ORPHANS: list[str] = []
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _ORPHANS:
+        terminalreporter.section("processes left running by the tests (killed; the run fails)", red=True)
+        for line in _ORPHANS:
+            terminalreporter.write_line(line)
     if _REALMODEL_LOG:
         terminalreporter.section("real-model tier inputs")
         for line in _REALMODEL_LOG:
