@@ -22,6 +22,7 @@ from .plugin_state import (
     RUNNER_KEY,
     SETTINGS_KEY,
     SUITE_ERRORS_KEY,
+    add_outer_deadlines,
     close_run,
     get_chain,
     get_runner,
@@ -145,6 +146,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     order = {key: i for i, key in enumerate(dict.fromkeys(i.worker_key for i in items if isinstance(i, CaseItem)))}
     items.sort(key=lambda i: (1, order[i.worker_key]) if isinstance(i, CaseItem) else
                (2, 0) if isinstance(i, ComparisonItem) else (0, 0))
+    add_outer_deadlines(config, settings, items)
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:

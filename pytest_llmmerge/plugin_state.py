@@ -128,6 +128,26 @@ def get_chain(config: pytest.Config) -> Chain:
     return chain
 
 
+# pytest-timeout's limit on an item of ours when the user set none: past every deadline the
+# plugin keeps itself (model loads, calls, cases), so it only ends an item stuck in a way no
+# deadline covers.
+OUTER_GUARD_MARGIN_S = 3600.0
+
+
+def add_outer_deadlines(config: pytest.Config, settings: Settings, items: list[pytest.Item]) -> None:
+    """Give each generated item a pytest-timeout limit when the user configured none (no
+    --timeout, PYTEST_TIMEOUT or ini timeout): models loaded times the load timeout, plus a margin."""
+    if config.pluginmanager.get_plugin("timeout") is None:
+        return
+    if config.getvalue("timeout") is not None or os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout"):
+        return
+    for item in items:
+        keys = getattr(item, "worker_keys", None)
+        if keys is None or item.get_closest_marker("timeout") is not None:
+            continue  # not one of ours, or the user's own limit
+        item.add_marker(pytest.mark.timeout(settings.load_timeout_s * len(keys) + OUTER_GUARD_MARGIN_S))
+
+
 TEMP_DIRS_KEY = pytest.StashKey[list[Path]]()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -170,3 +171,23 @@ def test_progress_is_live_quiet_under_q_and_never_captured(pytester: pytest.Pyte
     quiet = pytester.runpytest_subprocess(f"--llm-model={model}", "-m", "llmmerge_weights", "-q")
     quiet.assert_outcomes(failed=1, passed=2, skipped=1)
     assert "[llmmerge]" not in quiet.stdout.str()
+
+
+def test_generated_items_get_an_outer_timeout_only_where_the_user_set_none(pytester: pytest.Pytester) -> None:
+    """pytest-timeout as the last guard of an unattended gate, never overriding the user's own."""
+    pytester.makeconftest("""
+import pytest
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marks = [m.args[0] for m in item.iter_markers("timeout")]
+        print(f"TIMEOUT {item.nodeid} {marks}")
+""")
+    args = (f"--llm-model={MERGED}", f"--llm-base={BASE}", "--llm-load-timeout=100", "-s", "--co",
+            "-m", "llmmerge_integrity or llmmerge_suite", "-p", "no:cacheprovider")
+    guarded = pytester.runpytest_subprocess(*args).stdout.str()
+    assert "TIMEOUT integrity::config [3600.0]" in guarded
+    assert re.search(r"TIMEOUT default-suite::\S+ \[3700\.0\]", guarded), guarded
+    for user in (("--timeout=5",), ("-o", "timeout=7")):
+        assert "TIMEOUT integrity::config []" in pytester.runpytest_subprocess(*args, *user).stdout.str()
