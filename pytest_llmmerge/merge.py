@@ -55,6 +55,9 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TE
 DEFAULT_SHARD_SIZE = "5GB"
 # f".{out.name}.tmp-{pid}-{8 hex digits}", the temp dirs build_merged writes into.
 _TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+# How long a builder waits for another process building the same merge: longer than any merge
+# that streams from disk takes, short enough that a hung holder ends a CI job with a reason.
+LOCK_TIMEOUT_S = 2 * 3600.0
 BUILD_MARK = ".llmmerge-build"  # inside a temp dir while its build runs: "<host> <pid>"
 _LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector", "base_layer")
 
@@ -188,7 +191,7 @@ def cached_merge(spec: MergeSpec, cache_dir: Path, *, progress: Progress | None 
     if out.is_dir():  # complete by construction: outputs appear only by rename
         return out, False
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f"{key}.lock"):
+    with _locked(cache_dir / f"{key}.lock", progress=progress):
         if out.is_dir():
             return out, False
         build_merged(spec, out, progress=progress)
@@ -458,12 +461,38 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class LockTimeout(TimeoutError):
+    """Another process held a build lock for longer than the wait allows."""
+
+
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, timeout_s: float = LOCK_TIMEOUT_S, progress: Progress | None = None) -> Iterator[None]:
+    """An exclusive flock on `path`, waited for at most `timeout_s`; the holder writes its host
+    and pid into the file so that a waiter can say whom it waits for."""
     # The lock file is never removed: unlinking a file another process waits on breaks flock.
-    with path.open("a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with path.open("a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                if time.monotonic() > deadline:
+                    raise LockTimeout(f"{path} is still held by {holder} after {timeout_s:g} s: another build of "
+                                      "the same merge is running or hung; stop it or remove nothing and retry "
+                                      "later") from None
+                if progress is not None and not told:
+                    progress(f"waiting for {holder}, which is building the same merge ({path.name})")
+                    told = True
+                time.sleep(0.5)
         try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            fh.flush()
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -315,3 +315,32 @@ def test_adapter_for_other_modules_names_the_adapter(tmp_path: Path) -> None:
 def test_bad_spec_values(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MergeSpec(BASE, (LORA1,), **kwargs)
+
+
+def test_a_lock_held_too_long_is_a_clear_timeout_naming_the_holder(tmp_path: Path) -> None:
+    """A hung builder of the same merge must not block another session forever."""
+    from pytest_llmmerge.merge import LockTimeout, _locked
+
+    lock = tmp_path / "key.lock"
+    said: list[str] = []
+    holder = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with _locked(lock):
+            holder.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holder.wait(10)
+        with pytest.raises(LockTimeout, match=r"key.lock is still held by .* pid \d+ after 1 s"):
+            with _locked(lock, timeout_s=1, progress=said.append):
+                pass
+        assert said and "waiting for" in said[0]
+    finally:
+        release.set()
+        thread.join()
+    with _locked(lock, timeout_s=1):  # free again once the holder is done
+        pass
