@@ -101,3 +101,33 @@ def test_a_run_leaves_no_temporary_directory(pytester: pytest.Pytester, tmp_path
                                            "-k", "repeat-en", f"--basetemp={tmp_path / 'basetemp'}")
     assert result.parseoutcomes().get("passed", 0) >= 1, result.stdout.str()
     assert [p.name for p in scratch.iterdir() if p.name.startswith("llmmerge")] == []  # torch keeps its own
+
+
+FULL_DISK_SCRIPT = """
+import resource, signal, sys
+from pathlib import Path
+from pytest_llmmerge.variants import BuildFailed, Chain
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+chain = Chain(base=Path(sys.argv[1]), adapters=(Path(sys.argv[2]),) * 2, candidate=None, cache_dir=Path(sys.argv[3]))
+for attempt in range(3):  # three items needing the stage
+    try:
+        chain.stage(1)
+    except BuildFailed as exc:
+        print("BUILD-FAILED", exc)
+sys.exit(3)
+"""
+
+
+def test_a_disk_that_fills_during_a_merge_leaves_no_partial_cache_entry(tmp_path: Path) -> None:
+    from conftest import ADAPTERS, BASE
+
+    cache = tmp_path / "cache"
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(BASE), str(ADAPTERS[0]), str(cache)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 3, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3 and "could not be built" in lines[0] and "File too large" in lines[0], lines
+    assert all("failed earlier in this run" in line and "not retried" in line for line in lines[1:]), lines
+    left = sorted(p.name for p in cache.iterdir())
+    assert [n for n in left if not n.endswith(".lock")] == [], left  # no entry, no temp dir
