@@ -2,9 +2,12 @@
 
 One worker per (variant, backend), loaded once.  When an item asks for its result, the next
 pending requests for the same worker are generated with it in one batch; the others find
-their result cached.  A batch that misses its deadline is not blamed on anyone: its members
-are marked to run alone, so the prompt that hangs is pinned down by its own deadline and the
-rest pass.  (A hanging prompt inside a batch so costs up to two deadlines.)
+their result cached.  A batch of n requests gets n times their deadline: a batch is never
+slower than its members one after the other, so batching never kills a case that would have
+finished alone.  A batch that misses it is not blamed on anyone: its members are marked to run
+alone, so the prompt that hangs is pinned down by its own deadline and the rest pass.  (A
+hanging prompt inside a batch of n so costs up to n + 1 deadlines; --llm-batch-size 1 pins a
+hang at once.)
 """
 
 from __future__ import annotations
@@ -61,14 +64,14 @@ class Runner:
         worker = self.worker(key)
         batch = [item]
         if item.uid not in self._solo:
-            # Same budget (no tokens generated only to be cut off) and same deadline (the batch's
-            # deadline is then every member's own).
+            # Same budget (no tokens generated only to be cut off) and same deadline (so the
+            # batch's, n times it, is every member's own n times).
             batch += [p for p in upcoming if p.uid not in self._solo and p.uid not in self._done
                       and p.uid != item.uid and p.deadline_s == item.deadline_s
                       and p.request.max_new_tokens == item.request.max_new_tokens][: self.batch_size - 1]
         if len(batch) > 1:
             try:
-                results = worker.generate([p.request for p in batch], item.deadline_s)
+                results = worker.generate([p.request for p in batch], item.deadline_s * len(batch))
             except (DeadlineExceeded, RequestFailed):
                 self._solo.update(p.uid for p in batch)
             else:

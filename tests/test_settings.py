@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,18 @@ def test_reports_are_refused_inside_checkpoints(tmp_path: Path, dest: str, flag:
     with pytest.raises(SettingsError, match=f"{flag}: .* is a directory"):
         resolve(tmp_path, cli={"model": str(tmp_path / "m"), dest: str(tmp_path)})
     assert getattr(resolve(tmp_path, cli={"model": str(tmp_path / "m"), dest: str(tmp_path / "r.out")}), dest)
+
+
+def test_an_unreadable_directory_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root reads everything, so the permission error is simulated where the directory is listed."""
+    make_dirs(tmp_path, "m")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path) -> Any:
+        if self.name == "m":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(SettingsError, match=r"environment variable LLMMERGE_MODEL: .*m cannot be read: Permission"):
+        resolve(tmp_path, env={"LLMMERGE_MODEL": str(tmp_path / "m")})
