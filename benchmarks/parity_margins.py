@@ -70,7 +70,7 @@ def main() -> None:
             merged = bf16_merges.merge(base, lora, recipe, fp32_base)
             verdict = "healthy" if recipe in bf16_merges.HEALTHY else "wrong"
             for nodeid, item in sorted(run_plugin(merged, base, lora, backends, Path(tmp)).items()):
-                if item["outcome"] == "skipped":
+                if item["outcome"] in ("skipped", "xfailed"):
                     continue
                 m = item["metrics"]
                 cells = [f"{float(m[f'{key}_ratio']):.3g}" if f"{key}_ratio" in m else "-" for _, key in FIGURES]

@@ -235,15 +235,17 @@ class CaseItem(pytest.Item):
             failure.bisect = self._bisect(failure.reasons[0])
         raise failure from None
 
-    def _run_on(self, variant: str) -> tuple[bool, str]:
-        """(fails, what it did) for this case on another variant, same backend and deadline."""
+    def _run_on(self, variant: str, backend: str | None = None) -> tuple[bool, str]:
+        """(fails, what it did) for this case on another variant, same deadline (and backend,
+        unless another is named)."""
         from .expectations import evaluate
         from .runner import Pending
         from .worker import WorkerError
 
+        backend = backend or self.backend
         try:
             generation = get_runner(self.config).generate(
-                (variant, self.backend), Pending(f"{self.nodeid}@{variant}", self.request(), self.case.timeout_s))
+                (variant, backend), Pending(f"{self.nodeid}@{variant}-{backend}", self.request(), self.case.timeout_s))
         except WorkerError as exc:  # a missed deadline fails the case there too
             return True, str(exc).splitlines()[0]
         reasons = evaluate(self.case, generation)
@@ -259,9 +261,14 @@ class CaseItem(pytest.Item):
         return {key for i in later for key in getattr(i, "worker_keys", ())} | {self.worker_key}
 
     def _attribute(self) -> tuple[str | None, list[str]]:
-        """Run the case on the fine-tune unmerged (in the merged model's dtype) and, when that
-        fails too, on the base: (merge | fine-tune | base, or None when it could not tell; the
-        lines the failure prints)."""
+        """Run the case on the fine-tune unmerged, in the merged model's dtype and, when that
+        passes, computed exactly (float32, HF: the parity truth); when the fine-tune fails too, on
+        the base.  (merge | fine-tune | base, or None when it could not tell; the lines the
+        failure prints.)
+
+        A greedy output at a tipping point (a loop or not) can flip with rounding alone: the
+        merge is blamed only when the fine-tune passes both in the candidate's dtype and exactly.
+        """
         from .plugin_state import compute_dtype
 
         chain, settings = get_chain(self.config), self.config.stash[SETTINGS_KEY]
@@ -271,27 +278,37 @@ class CaseItem(pytest.Item):
         try:
             say(f"attribution {self.name}: the same case on the adapter-only model ({dtype})")
             adapter_fails, adapter_did = self._run_on("adapter@as-merged")
+            where = f"adapter-only ({dtype}, {self.backend}: {adapter_did})"
+            if not adapter_fails and dtype != "float32":
+                # The same engine in float32; vLLM's exact side is HF's, as in parity.
+                exact = "hf" if self.backend == "vllm" else self.backend
+                say(f"attribution {self.name}: the same case on the adapter-only model (float32, {exact})")
+                exact_fails, exact_did = self._run_on("adapter@float32", exact)
+                if exact_fails:
+                    adapter_fails = True
+                    where = (f"the exact adapter-only model (float32, {exact}: {exact_did}), while it passes in "
+                             f"{dtype} ({adapter_did}): whether this output passes depends on rounding alone")
+                else:
+                    where += f" and in float32 ({exact_did})"
             if not adapter_fails:
-                verdict, lines = "merge", [f"attribution: passes on adapter-only ({dtype}, {self.backend}: "
-                                           f"{adapter_did}): the merge broke it, not the fine-tune"]
+                verdict, lines = "merge", [f"attribution: passes on {where}: the merge broke it, not the fine-tune"]
             else:
                 say(f"attribution {self.name}: the same case on the base")
                 base_fails, base_did = self._run_on("reference")
-                lines = [f"attribution: also fails on adapter-only ({dtype}, {self.backend}: {adapter_did}): "
-                         "the fine-tune, not the merge"]
+                lines = [f"attribution: also fails on {where}: not the merge"]
                 if base_fails:
                     verdict = "base"
-                    lines.append(f"  and on the base ({base_did}): the base already fails this case and the "
+                    lines.append(f"and on the base ({base_did}): the base already fails this case and the "
                                  "fine-tune did not fix it")
                 else:
                     verdict = "fine-tune"
-                    lines.append(f"  the base passes ({base_did}): the fine-tune broke it")
+                    lines.append(f"the base passes ({base_did}): the fine-tune broke it")
         except Exception as exc:  # a variant that cannot load must not hide the case's own failure
             return None, [f"attribution could not finish: {type(exc).__name__}: {exc}"]
         finally:
             get_runner(self.config).keep_only(keep)
-        self.user_properties += [("attribution", verdict), ("attribution_detail", " ".join(lines))]
-        return verdict, lines
+        self.user_properties += [("attribution", verdict), ("attribution_detail", "; ".join(lines))]
+        return verdict, lines[:1] + ["  " + line for line in lines[1:]]
 
     def _bisect(self, reason: str) -> list[str]:
         """Probe the chain's stages with this case to name the adapter that broke it."""

@@ -44,8 +44,9 @@ class Reporting:
             message = str(report.longrepr[2]).removeprefix("Skipped: ")
         elif report.failed:
             message = report.longreprtext[:4000]
+        outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
         self.records[report.nodeid] = record(  # a failing teardown replaces the call's record
-            report.nodeid, kind, report.outcome, report.duration,
+            report.nodeid, kind, outcome, report.duration,
             [(k, v) for k, v in report.user_properties if k not in given],
             variant=str(given["variant"]) if "variant" in given else None,
             backend=str(given["backend"]) if "backend" in given else None, message=message)

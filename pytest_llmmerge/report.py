@@ -26,7 +26,7 @@ PACKAGES = ("pytest-llmmerge", "torch", "transformers", "peft", "vllm", "vllm-cp
 class ItemRecord:
     nodeid: str
     kind: str  # integrity | weights | audit | suite | parity | agreement | test
-    outcome: str  # passed | failed | skipped
+    outcome: str  # passed | failed | skipped | xfailed
     seconds: float
     variant: str | None = None
     backend: str | None = None
@@ -76,7 +76,7 @@ def _plain(value: Any) -> Any:
 
 def build(items: Sequence[ItemRecord], *, settings: Mapping[str, Any], workers: Mapping[str, Mapping[str, Any]],
           exit_status: int, created: str) -> dict[str, Any]:
-    counts = {key: sum(1 for i in items if i.outcome == key) for key in ("passed", "failed", "skipped")}
+    counts = {key: sum(1 for i in items if i.outcome == key) for key in ("passed", "failed", "skipped", "xfailed")}
     return {
         "schema": SCHEMA_ID,
         "created": created,
@@ -133,7 +133,8 @@ def _cell(value: Any) -> str:
 
 
 def _icon(outcome: str) -> str:
-    return {"passed": "✅ passed", "failed": "❌ failed", "skipped": "⏭ skipped"}.get(outcome, outcome)
+    return {"passed": "✅ passed", "failed": "❌ failed", "skipped": "⏭ skipped",
+            "xfailed": "➖ xfailed"}.get(outcome, outcome)
 
 
 def _short(nodeid: str) -> str:
@@ -147,7 +148,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     verdict = "❌ gated: do not ship" if summary["failed"] else "✅ passed"
     settings = report["settings"]
     lines = [f"## pytest-llmmerge: {verdict}", "",
-             f"**{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped** "
+             f"**{summary['passed']} passed, {summary['failed']} failed, {summary['skipped']} skipped, "
+             f"{summary.get('xfailed', 0)} xfailed** "
              f"({summary['items']} items, {summary['model_loads']} model loads) — model `{settings.get('model')}`, "
              f"base `{settings.get('base')}`", ""]
     failed = [i for i in items if i["outcome"] == "failed"]

@@ -5,6 +5,7 @@ models, HF backend."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_each_failure_names_the_merge_the_fine_tune_or_the_base(pytester: pytest
                                  "the merge broke it, not the fine-tune"])
     # The fine-tune taught the model to say 无法判断, which the base never says.
     assert items["says-unknown[merged-hf]"]["metrics"]["attribution"] == "fine-tune", output
-    result.stdout.fnmatch_lines(["*attribution: also fails on adapter-only*the fine-tune, not the merge",
+    result.stdout.fnmatch_lines(["*attribution: also fails on adapter-only*: not the merge",
                                  "*the base passes*the fine-tune broke it"])
     # Nobody writes that text: the base already fails the case.
     assert items["impossible[merged-hf]"]["metrics"]["attribution"] == "base", output
@@ -93,9 +94,41 @@ def test_built_in_case_the_base_fails_too_is_xfailed_not_failed(pytester: pytest
     result, greeting = _greeting(pytester, _never_stopping(MERGED, tmp_path / "merged"), base,
                                  tmp_path / "report.json")
     output = result.stdout.str()
-    assert greeting["outcome"] == "skipped", output
+    assert greeting["outcome"] == "xfailed", output
     assert greeting["metrics"]["attribution"] == "base", output
     assert greeting["message"].startswith("xfail: built-in case 'chat-greeting'"), output
     assert "the base and the adapter-only model fail it too" in greeting["message"], output
     assert result.ret == 0, output
     result.assert_outcomes(xfailed=1)
+
+
+TIPPING_SUITE = """
+defaults: {max_new_tokens: 12, timeout_s: 120, must_terminate: false}
+cases:
+  - id: tipping
+    prompt: "Repeat: apple river stone\\nAnswer:"
+    expect: {not_contains: ["loop loop loop"]}
+"""
+
+
+@pytest.mark.parametrize("base_fails", [False, True], ids=["base-passes", "base-fails"])
+def test_a_case_that_flips_with_rounding_is_not_blamed_on_the_merge(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, base_fails: bool) -> None:
+    """bf16 release: the case fails on the merge and passes on the bf16 adapter-only model, but
+    the exact (float32) adapter-only model fails it too: rounding decides, not the merge."""
+    import shutil
+
+    (pytester.path / "suite.yaml").write_text(TIPPING_SUITE, encoding="utf-8")
+    shutil.copy(Path(__file__).parent / "tipping_backend.py", pytester.path)
+    monkeypatch.setenv("LLMMERGE_TEST_TIPPING", os.pathsep.join([str(MERGED)] + ([str(BASE)] if base_fails else [])))
+    report = tmp_path / "report.json"
+    result = pytester.runpytest_subprocess(
+        f"--llm-model={MERGED}", f"--llm-base={BASE}", *(f"--llm-adapter={a}" for a in ADAPTERS),
+        "--llm-backend=tipping_backend:TippingHF", "--llm-dtype=bfloat16", "-m", "llmmerge_suite", "-k", "merged",
+        f"--llm-report={report}", "-p", "no:cacheprovider", "suite.yaml")
+    output = result.stdout.str()
+    (item,) = [i for i in json.loads(report.read_text())["items"] if i["kind"] == "suite"]
+    assert item["outcome"] == "failed", output  # the user's own case stays red either way
+    assert item["metrics"]["attribution"] == ("base" if base_fails else "fine-tune"), output
+    result.stdout.fnmatch_lines(["*attribution: also fails on the exact adapter-only model (float32, *while it "
+                                 "passes in bfloat16*depends on rounding alone: not the merge"])
