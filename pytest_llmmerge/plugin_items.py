@@ -403,9 +403,13 @@ class ComparisonItem(pytest.Item):
     def failure_head(self) -> str:
         raise NotImplementedError
 
+    blamed = ""  # who a failure blames, for the reports' metrics.attribution
+
     def conclude(self, report: Any) -> None:
         self.user_properties += list(report.metrics.items())
         if not report.ok:
+            if self.blamed:
+                self.user_properties.append(("attribution", self.blamed))
             raise ParityFailed(report.lines())
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
@@ -467,6 +471,8 @@ class ParityItem(ComparisonItem):
         runner = get_runner(self.config)
         chain = get_chain(self.config)
         deadline = settings.call_timeout_s
+        self.user_properties += [("variant", self.variants[1]), ("backend", self.backend)]
+        self.blamed = "merge"
         corpora: list[str] = self.config.stash[CORPORA_KEY]
         merged = f"stage{self.stage}" if self.kind == "stage" else "merged"
         dtype = compute_dtype(chain.resolve(merged), settings)
@@ -529,6 +535,8 @@ class AgreementItem(ComparisonItem):
         settings = self.config.stash[SETTINGS_KEY]
         runner = get_runner(self.config)
         spec = get_chain(self.config).resolve(self.variant)
+        self.user_properties += [("variant", self.variant), ("backend", "hf-vs-vllm")]
+        self.blamed = "serving"
         dtype = compute_dtype(spec, settings)
         sides = parity.Sides(truth=self.worker_keys[0], noise=self.worker_keys[1], candidate=self.worker_keys[2],
                              truth_name="float32 HF", noise_name=f"HF ({dtype})", candidate_name=f"vLLM ({dtype})",
