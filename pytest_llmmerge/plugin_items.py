@@ -96,6 +96,10 @@ class IntegrityItem(pytest.Item):
             raise IntegrityFailed(outcome.errors, context.model.path)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        from .variants import BuildFailed
+
+        if isinstance(excinfo.value, BuildFailed):
+            return f"{self.check.group} check {self.check_name!r}: {excinfo.value}"
         if isinstance(excinfo.value, IntegrityFailed):
             lines = [f"{self.check.group} check {self.check_name!r} failed on {excinfo.value.model}:"]
             for finding in excinfo.value.findings:

@@ -104,7 +104,8 @@ def compute_dtype(spec: Any, settings: Settings) -> str:
 
 
 def get_chain(config: pytest.Config) -> Chain:
-    """The run's merge chain, made once; with --llm-build-merged the merge is built here."""
+    """The run's merge chain, made once; stages (and with --llm-build-merged the candidate) are
+    built when an item first needs them, once, a failure reported to every item that needs them."""
     chain = config.stash.get(CHAIN_KEY, None)
     if chain is None:
         from .variants import Chain
@@ -117,13 +118,8 @@ def get_chain(config: pytest.Config) -> Chain:
         chain = Chain(base=settings.base, adapters=settings.adapters,
                       candidate=None if settings.build_merged else settings.model,
                       given_stages=settings.stages, cache_dir=Path(cache), merge_dtype=settings.merge_dtype,
-                      progress=progress_writer(config))
-        if settings.build_merged and settings.model is not None:
-            from .merge import MergeSpec, build_merged
-
-            spec = MergeSpec(base=chain.stage(chain.n - 1), adapters=(chain.adapters[-1],),
-                             compute_dtype=settings.merge_dtype)
-            chain.candidate = build_merged(spec, settings.model, progress=chain.progress)
+                      progress=progress_writer(config), merge_timeout_s=settings.merge_timeout_s,
+                      candidate_out=settings.model if settings.build_merged else None)
         config.stash[CHAIN_KEY] = chain
     return chain
 

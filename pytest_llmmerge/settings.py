@@ -156,6 +156,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "seconds a worker may take to load its model (default 900)", "SECONDS",
     ),
     OptionSpec(
+        "merge_timeout_s", "--llm-merge-timeout", "llm_merge_timeout", "LLMMERGE_MERGE_TIMEOUT", "float",
+        "seconds one merge build may take (it runs in its own process, killed at the deadline; the items "
+        "needing it fail with the reason) (default 3600)", "SECONDS",
+    ),
+    OptionSpec(
         "call_timeout_s", "--llm-call-timeout", "llm_call_timeout", "LLMMERGE_CALL_TIMEOUT", "float",
         "seconds parity and agreement give a worker per text scored or prompt generated; a call of n gets "
         "n times it, and a worker that misses it is killed and the item fails (default 120)", "SECONDS",
@@ -226,6 +231,7 @@ class Settings:
     batch_size: int = 8
     load_timeout_s: float = 900.0
     call_timeout_s: float = 120.0
+    merge_timeout_s: float = 3600.0
     dtype: str = "auto"
     device: str = "cpu"
 

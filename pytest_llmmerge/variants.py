@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REFERENCE, ADAPTER, MERGED = "reference", "adapter", "merged"
 _STAGE = re.compile(r"^stage(?P<k>\d+)(?P<adapter>-adapter)?$")
@@ -66,6 +67,10 @@ class Chain:
     cache_dir: Path | None = None
     merge_dtype: str = "float32"
     progress: Callable[[str], None] | None = None
+    # Builds run in a child process killed after this many seconds; None: in this process.
+    merge_timeout_s: float | None = None
+    # --llm-build-merged: where the merged candidate (stage n) is written.
+    candidate_out: Path | None = None
     _built: dict[int, Path] = field(default_factory=dict)
     _failed: dict[int, str] = field(default_factory=dict)
     # stage -> True when this run built it, False when it came from the cache.
@@ -101,19 +106,21 @@ class Chain:
             raise BuildFailed(f"stage {k} is not available: its build failed earlier in this run "
                               f"({self._failed[k]}); not retried")
         if k not in self._built:
-            from .merge import MergeSpec, cached_merge
+            from .merge import MergeSpec
 
-            if self.cache_dir is None:
+            into_candidate = k == self.n and self.candidate_out is not None
+            if self.cache_dir is None and not into_candidate:
                 raise VariantUnavailable("no cache directory to build merged stages in")
-            # From the last stage the user gave, never from another built one: the cache key
-            # (its inputs) is then the same whichever stages a run happens to build first.
-            start = len(self.given_stages)
+            # The cached stages start from the last stage the user gave, never from another built
+            # one: the cache key (its inputs) is then the same whichever stages a run builds
+            # first.  --llm-build-merged writes the last adapter onto stage n-1 where asked.
+            start = k - 1 if into_candidate else len(self.given_stages)
             if self.progress is not None:
                 self.progress(f"stage {k}/{self.n}: merging adapters {start + 1}..{k} into "
                               f"{'the base' if start == 0 else f'stage {start}'}")
             spec = MergeSpec(base=self.stage(start), adapters=self.adapters[start:k], compute_dtype=self.merge_dtype)
             try:
-                self._built[k], self.built_now[k] = cached_merge(spec, self.cache_dir, progress=self.progress)
+                self._built[k], self.built_now[k] = self._build(spec, self.candidate_out if into_candidate else None)
             except BuildFailed:
                 raise
             except Exception as exc:  # the merge libraries' errors are many; each is this stage's failure
@@ -123,6 +130,22 @@ class Chain:
                                   f"{', '.join(str(a) for a in self.adapters[start:k])} into "
                                   f"{spec.base} failed with {self._failed[k]}") from exc
         return self._built[k]
+
+    def _build(self, spec: Any, out: Path | None) -> tuple[Path, bool]:
+        """(directory, built now): into `out`, else into the cache; in a child process under a
+        deadline when merge_timeout_s is set."""
+        from .merge import build_merged, cached_merge
+
+        if self.merge_timeout_s is not None:
+            from .merge_process import run_merge
+
+            if out is not None:
+                return run_merge(spec, out=out, timeout_s=self.merge_timeout_s, progress=self.progress)
+            return run_merge(spec, cache_dir=self.cache_dir, timeout_s=self.merge_timeout_s, progress=self.progress)
+        if out is not None:
+            return build_merged(spec, out, progress=self.progress), True
+        assert self.cache_dir is not None
+        return cached_merge(spec, self.cache_dir, progress=self.progress)
 
     def resolve(self, variant: str) -> ModelSpec:
         """The model a variant name stands for; raises VariantUnavailable naming what is missing.

@@ -12,11 +12,9 @@ tuples; its stdout and stderr go to a log file whose tail is shown when it fails
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -25,6 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from . import lifeline
 from .backends.base import Generation, GenRequest
 
 LOG_TAIL_LINES = 25
@@ -126,19 +125,13 @@ class Worker:
         self._starts += 1
         self._log = self.log_dir / f"worker-{self.label}-{self._starts}.log"
         parent_sock, child_sock = socket.socketpair()
-        # The child's lifeline: only this process holds the write end, so the child reads EOF the
-        # moment this process is gone, however it went (SIGKILL from CI included), and then
-        # kills its own process group.
-        lifeline_read, self._lifeline = os.pipe()
         env = {**os.environ, **WORKER_ENV}
         with self._log.open("wb") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_llmmerge.worker", str(child_sock.fileno()), str(lifeline_read)],
-                pass_fds=(child_sock.fileno(), lifeline_read), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)  # its own process group: one kill takes all of it
+            self._proc, self._lifeline = lifeline.spawn(
+                [sys.executable, "-m", "pytest_llmmerge.worker", str(child_sock.fileno())],
+                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env)
         child_sock.close()
-        os.close(lifeline_read)
         self._conn = Connection(parent_sock.detach())
         if self.on_status is not None:
             self.on_status(f"loading {self.label} ({self.backend})")
@@ -199,17 +192,10 @@ class Worker:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if self._lifeline is not None:
-            os.close(self._lifeline)
-            self._lifeline = None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        lifeline.cut(self._lifeline)
+        self._lifeline = None
+        if proc is not None:
+            lifeline.kill_group(proc)
 
     def log_tail(self) -> str:
         if self._log is None or not self._log.exists():
@@ -220,25 +206,9 @@ class Worker:
 
 # --- the child side -------------------------------------------------------------------------
 
-def _die_with_parent(lifeline: int) -> None:
-    """Kill this worker's whole process group once the parent's end of the lifeline closes."""
-    def watch() -> None:
-        while True:
-            try:
-                if not os.read(lifeline, 1):
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="llmmerge-lifeline", daemon=True).start()
-
-
-def _child(fd: int, lifeline: int | None = None) -> None:
-    if lifeline is not None:
-        _die_with_parent(lifeline)
+def _child(fd: int, lifeline_fd: int | None = None) -> None:
+    if lifeline_fd is not None:
+        lifeline.die_with_parent(lifeline_fd)
     conn = Connection(fd)
     op, init = conn.recv()
     assert op == "load"

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_llmmerge.gguf_import import default_cache_dir
-from pytest_llmmerge.merge import _fsync_tree, _locked, _remove_stale_temp_dirs
+from pytest_llmmerge.merge import _fsync_tree, _locked, temp_sibling, unmark
 
 Progress = Callable[[str], None]
 # Written into the adapter directory: losses and seconds.  Hidden, so that the merge builder's
@@ -115,13 +114,12 @@ def build_once(out: Path, build: Callable[[Path], None]) -> Path:
     with _locked(out.parent / f"{out.name}.lock"):
         if out.is_dir():
             return out
-        _remove_stale_temp_dirs(out)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        tmp = temp_sibling(out)
         try:
             build(tmp)
             _fsync_tree(tmp)
             os.rename(tmp, out)
+            unmark(out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -131,3 +131,94 @@ def test_a_disk_that_fills_during_a_merge_leaves_no_partial_cache_entry(tmp_path
     assert all("failed earlier in this run" in line and "not retried" in line for line in lines[1:]), lines
     left = sorted(p.name for p in cache.iterdir())
     assert [n for n in left if not n.endswith(".lock")] == [], left  # no entry, no temp dir
+
+
+def _misfit(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` trained for a model half as wide: it cannot be merged into the base."""
+    from safetensors.numpy import load_file, save_file
+
+    bad = Path(shutil.copytree(adapter, out))
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    save_file({n: (w[:, : w.shape[1] // 2].copy() if "lora_A" in n else w) for n, w in weights.items()},
+              str(bad / "adapter_model.safetensors"))
+    return bad
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["fits", "misfit"])
+def test_build_merged_builds_once_or_fails_once(pytester: pytest.Pytester, tmp_path: Path, fits: bool) -> None:
+    """--llm-build-merged: the candidate is built in its own process, once, and every integrity
+    item checks it; when it cannot be built, every item says so with the one cause."""
+    from conftest import ADAPTERS, BASE
+
+    last = ADAPTERS[1] if fits else _misfit(ADAPTERS[1], tmp_path / "misfit")
+    out = tmp_path / "out"
+    result = pytester.runpytest_subprocess(
+        "--llm-build-merged", f"--llm-model={out}", f"--llm-base={BASE}", f"--llm-adapter={ADAPTERS[0]}",
+        f"--llm-adapter={last}", "-m", "llmmerge_integrity", "-p", "no:cacheprovider", "-rN")
+    output = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in output and "INTERNALERROR" not in output, output
+    outcomes = result.parseoutcomes()
+    if fits:
+        assert outcomes.get("passed", 0) >= 10 and "failed" not in outcomes, output
+        assert (out / "config.json").is_file()
+    else:
+        assert outcomes.get("failed", 0) >= 10 and "passed" not in outcomes, output
+        assert output.count("stage 2 could not be built") == 1 and "size mismatch" in output, output
+        assert output.count("its build failed earlier in this run") == outcomes["failed"] - 1, output
+        assert not out.exists()
+
+
+def test_a_merge_past_its_deadline_is_killed_and_leaves_nothing(tmp_path: Path) -> None:
+    from conftest import ADAPTERS, BASE
+    from pytest_llmmerge.merge import MergeSpec
+    from pytest_llmmerge.merge_process import MergeTimeout, run_merge
+
+    cache = tmp_path / "cache"
+    with pytest.raises(MergeTimeout, match=r"did not finish within 0.5 s \(--llm-merge-timeout\)"):
+        run_merge(MergeSpec(BASE, (ADAPTERS[0],)), cache_dir=cache, timeout_s=0.5)
+    assert _merge_processes() == []
+    left = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] if cache.exists() else []
+    assert left == []  # no cache entry, no temp dir
+
+
+def _merge_processes() -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"pytest_llmmerge.merge_process" in (proc / "cmdline").read_bytes() \
+                    and "zombie" not in (proc / "status").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+MERGE_PARENT = """
+import sys
+from pathlib import Path
+from pytest_llmmerge.merge import MergeSpec
+from pytest_llmmerge.merge_process import run_merge
+said = Path(sys.argv[3])
+run_merge(MergeSpec(Path(sys.argv[1]), (Path(sys.argv[2]),)), cache_dir=said.parent / "cache", timeout_s=600,
+          progress=lambda m: said.write_text(m))
+"""
+
+
+def test_killing_the_parent_mid_merge_kills_the_merge(tmp_path: Path) -> None:
+    from conftest import ADAPTERS, BASE
+
+    said = tmp_path / "said.txt"
+    parent = subprocess.Popen([sys.executable, "-c", MERGE_PARENT, str(BASE), str(ADAPTERS[0]), str(said)],
+                              start_new_session=True)
+    try:
+        assert _wait_for(said.exists, 120), "the merge never started"
+        children = _merge_processes()
+        assert children
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        assert _wait_for(lambda: not set(children) & set(_merge_processes()), GONE_WITHIN_S)
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in _merge_processes():
+            os.kill(pid, signal.SIGKILL)
