@@ -8,6 +8,7 @@ chat never stops).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,13 +53,22 @@ class _Deadline:
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
         if frame.f_code.co_filename != "<template>":
             return None
+        _check_sizes(frame.f_locals.values())  # a macro called with a doubled string, ...
         return self.local
 
     def local(self, frame: FrameType, event: str, arg: Any) -> Any:
-        self.events += 1
-        if self.events % 256 == 0 and time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:
             raise TemplateBudgetExceeded(f"rendering took longer than {self.seconds:g} s (an unbounded loop?)")
         return self.local
+
+
+def _check_sizes(values: Iterable[Any]) -> None:
+    for value in values:
+        if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_VALUE_LENGTH:
+            raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
+
+
+_WIDTH = re.compile(r"%[-#0 +]*(\d+)|\{[^{}]*?:[^{}]*?(\d+)[^{}]*\}")
 
 
 def _environment() -> Any:
@@ -66,6 +76,7 @@ def _environment() -> Any:
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
 
     class GenerationBlock(Extension):
         # transformers marks assistant spans with {% generation %}; the text is unchanged.
@@ -84,12 +95,20 @@ def _environment() -> Any:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
                           separators=separators, sort_keys=sort_keys)
 
+    class BoundedNamespace(Namespace):
+        # {% set ns.s = ns.s ~ ns.s %} in a loop doubles a value with no operator to intercept.
+        def __setitem__(self, name: str, value: Any) -> None:
+            _check_sizes([value])
+            super().__setitem__(name, value)
+
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         # One `*` or `**` can allocate gigabytes or compute for hours inside a single C call,
         # where no deadline can interrupt it: refuse such operands up front.
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "%"})
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "%" and isinstance(left, str):
+                _check_widths(left)
             if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
                 raise TemplateBudgetExceeded(f"exponent {right} is larger than {MAX_EXPONENT}")
             if operator == "*":
@@ -99,12 +118,33 @@ def _environment() -> Any:
                     raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
             return super().call_binop(context, operator, left, right)
 
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            # str.center(10**9), "{:999999999}".format(...): one C call, gigabytes.
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, int) and not isinstance(value, bool) and value > MAX_VALUE_LENGTH:
+                    raise TemplateBudgetExceeded(f"an argument of {value} is larger than {MAX_VALUE_LENGTH}")
+                if isinstance(value, str):
+                    _check_widths(value)
+            if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(
+                    getattr(__obj, "__self__", None), str):
+                _check_widths(__obj.__self__)
+            return super().call(__context, __obj, *args, **kwargs)
+
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
+    env.globals["namespace"] = BoundedNamespace
     env.globals["raise_exception"] = raise_exception
     # A fixed date so that templates that print today's date render the same for both sides.
     env.globals["strftime_now"] = lambda fmt: datetime(2024, 1, 1).strftime(fmt)
     return env
+
+
+def _check_widths(text: str) -> None:
+    """A format string asking for a field wider than any value may be."""
+    for match in _WIDTH.finditer(text):
+        width = match.group(1) or match.group(2)
+        if width and len(width) > 7 or (width and int(width) > MAX_VALUE_LENGTH):
+            raise TemplateBudgetExceeded(f"a format width of {width} is larger than {MAX_VALUE_LENGTH}")
 
 
 def render(template: str, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool,

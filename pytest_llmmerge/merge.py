@@ -421,8 +421,9 @@ def unmark(out: Path) -> None:
     (out / BUILD_MARK).unlink(missing_ok=True)
 
 
-def remove_dead_builds(directory: Path) -> None:
-    """Remove temp dirs that killed builds left in `directory` (their process is gone).
+def remove_dead_builds(directory: Path, *, pattern: re.Pattern[str] | None = None, mark: str = "") -> None:
+    """Remove temp dirs that killed builds left in `directory` (their process is gone): names
+    matching `pattern` (a group "pid"), holding the file `mark` with this host and that pid.
 
     Any build's, not only `out`'s: in a cache directory a killed build of one key must not
     stay forever because that key is never built again.  A temp dir of a live process is a
@@ -431,11 +432,11 @@ def remove_dead_builds(directory: Path) -> None:
     if not directory.is_dir():
         return
     for path in directory.iterdir():
-        match = _TEMP_NAME.match(path.name)
+        match = (pattern or _TEMP_NAME).match(path.name)
         if match is None or not path.is_dir():
             continue
         try:
-            host, pid = (path / BUILD_MARK).read_text(encoding="utf-8").split()
+            host, pid = (path / (mark or BUILD_MARK)).read_text(encoding="utf-8").split()
         except (OSError, ValueError):
             continue  # not one of ours (a user's directory, or a build of another tool)
         # A pid means something only on its own host: another host's build on a shared volume

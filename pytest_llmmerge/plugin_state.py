@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,11 +149,22 @@ def add_outer_deadlines(config: pytest.Config, settings: Settings, items: list[p
 TEMP_DIRS_KEY = pytest.StashKey[list[Path]]()
 
 
+RUN_MARK = ".llmmerge-run"  # "<host> <pid>" in each temp dir of a run
+
+
 def _temp_dir(config: pytest.Config, prefix: str) -> Path:
-    """A directory this run owns and removes when it ends (see close_run)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+    """A directory this run owns and removes when it ends (see close_run).  A run killed before
+    its end (SIGKILL, SIGTERM) cannot; the next run removes what it left, by its mark."""
+    from .merge import remove_dead_builds
+
+    remove_dead_builds(Path(tempfile.gettempdir()), pattern=_RUN_DIR, mark=RUN_MARK)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    (path / RUN_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
     config.stash.setdefault(TEMP_DIRS_KEY, []).append(path)
     return path
+
+
+_RUN_DIR = re.compile(r"^llmmerge-(workers|merges)-(?P<pid>\d+)-")
 
 
 def close_run(config: pytest.Config) -> None:

@@ -184,6 +184,8 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
         data = None if node is None else loader.construct_document(node)
     except RecursionError:
         raise SuiteError(f"{where}: <root>: invalid YAML: nested deeper than the parser allows") from None
+    except ValueError as exc:  # an integer past Python's digit limit, a date out of range, ...
+        raise SuiteError(f"{where}: <root>: invalid YAML: a value cannot be read ({exc})") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         spot = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<root>"

@@ -93,14 +93,22 @@ def test_a_merge_that_fails_is_reported_once_and_not_retried(pytester: pytest.Py
 def test_a_run_leaves_no_temporary_directory(pytester: pytest.Pytester, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker logs and (without the pytest cache) built merges live in temp dirs the run removes."""
+    import socket
+
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
+    # What a run killed before its end left, and a user's directory with a look-alike name.
+    killed, look_alike = scratch / f"llmmerge-workers-{2 ** 22 + 1}-abc", scratch / f"llmmerge-merges-{2 ** 22 + 1}-x"
+    killed.mkdir()
+    (killed / ".llmmerge-run").write_text(f"{socket.gethostname()} {2 ** 22 + 1}")
+    look_alike.mkdir()
     result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "--llm-backend=hf", "-p", "no:cacheprovider",
                                            "-m", "llmmerge_suite", str(REPO / "example_suites" / "smoke.yaml"),
                                            "-k", "repeat-en", f"--basetemp={tmp_path / 'basetemp'}")
     assert result.parseoutcomes().get("passed", 0) >= 1, result.stdout.str()
-    assert [p.name for p in scratch.iterdir() if p.name.startswith("llmmerge")] == []  # torch keeps its own
+    left = [p.name for p in scratch.iterdir() if p.name.startswith("llmmerge")]  # torch keeps its own
+    assert left == [look_alike.name]
 
 
 FULL_DISK_SCRIPT = """

@@ -134,6 +134,8 @@ template_pieces = st.sampled_from([
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(template=st.lists(template_pieces, max_size=8).map("".join) | st.text(max_size=80))
 @example(template="{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+@example(template="{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}")
+@example(template="{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('x') }}{{ '%999999999s' % 1 }}")
 def test_any_chat_template_renders_or_fails_within_its_budget(template: str) -> None:
     started = time.monotonic()
     renders = chat_template.render_samples(template, {"eos_token": "<|im_end|>"})
@@ -160,6 +162,7 @@ suite_values = st.recursive(
               "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ncases: [*f]\n")
 @example(text="cases: " + "[" * 20_000)
 @example(text="cases: &x [*x]\n")
+@example(text="cases:\n  - id: a\n    prompt: hi\n    max_new_tokens: " + "9" * 5000 + "\n")
 def test_any_suite_text_gives_a_suite_or_a_suite_error_naming_the_file(text: str) -> None:
     try:
         parse_suite(text, Path("fuzz.yaml"))
