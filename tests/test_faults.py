@@ -184,16 +184,19 @@ def test_a_merge_past_its_deadline_is_killed_and_leaves_nothing(tmp_path: Path) 
     cache = tmp_path / "cache"
     with pytest.raises(MergeTimeout, match=r"did not finish within 0.5 s \(--llm-merge-timeout\)"):
         run_merge(MergeSpec(BASE, (ADAPTERS[0],)), cache_dir=cache, timeout_s=0.5)
-    assert _merge_processes() == []
+    assert _merge_processes(str(cache)) == []
     left = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] if cache.exists() else []
     assert left == []  # no cache entry, no temp dir
 
 
-def _merge_processes() -> list[int]:
+def _merge_processes(mentioning: str) -> list[int]:
+    """Live merge processes whose command line mentions `mentioning` (this test's paths: other
+    tests may be merging at the same time)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"pytest_llmmerge.merge_process" in (proc / "cmdline").read_bytes() \
+            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            if b"pytest_llmmerge.merge_process" in cmdline and mentioning.encode() in cmdline \
                     and "zombie" not in (proc / "status").read_text():
                 found.append(int(proc.name))
         except OSError:
@@ -220,13 +223,13 @@ def test_killing_the_parent_mid_merge_kills_the_merge(tmp_path: Path) -> None:
                               start_new_session=True)
     try:
         assert _wait_for(said.exists, 120), "the merge never started"
-        children = _merge_processes()
+        children = _merge_processes(str(tmp_path))
         assert children
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
-        assert _wait_for(lambda: not set(children) & set(_merge_processes()), GONE_WITHIN_S)
+        assert _wait_for(lambda: not set(children) & set(_merge_processes(str(tmp_path))), GONE_WITHIN_S)
     finally:
         parent.kill()
         parent.wait()
-        for pid in _merge_processes():
+        for pid in _merge_processes(str(tmp_path)):
             os.kill(pid, signal.SIGKILL)
