@@ -455,6 +455,11 @@ class Checkpoint:
         """tensor -> (file, info) for what the loaders read: every tensor of every file they
         read (the index lists files; transformers and vLLM then read all of each), a tensor held
         twice taken from the shard the index names for it.  Files no loader reads never count."""
+        return dict(self._locations)
+
+    @cached_property
+    def _locations(self) -> dict[str, tuple[str, TensorInfo]]:
+        # Made once: several checks and every finding's file name ask for it.
         weight_map = self.index_weight_map() if WEIGHTS_FILE not in self.files else None
         out: dict[str, tuple[str, TensorInfo]] = {}
         for shard in self.loaded_weight_files():

@@ -465,11 +465,8 @@ def index_names_another_listed_shard(ckpt: Path) -> None:
 
     def move(value: dict[str, Any]) -> None:
         weight_map = value["weight_map"]
-        counts: dict[str, int] = {}
-        for shard in weight_map.values():
-            counts[shard] = counts.get(shard, 0) + 1
-        name = next(n for n in sorted(weight_map) if counts[weight_map[n]] > 1)  # its shard stays listed
-        weight_map[name] = next(s for s in sorted(counts) if s != weight_map[name])
+        name = _in_a_shard_of_several(weight_map)
+        weight_map[name] = next(s for s in sorted(set(weight_map.values())) if s != weight_map[name])
     _edit(index, move)
 
 
@@ -477,13 +474,15 @@ def index_omits_a_tensor_of_a_listed_shard(ckpt: Path) -> None:
     index = _index(ckpt)
     assert index is not None, "needs a sharded checkpoint"
 
-    def drop(value: dict[str, Any]) -> None:
-        weight_map = value["weight_map"]
-        counts: dict[str, int] = {}
-        for shard in weight_map.values():
-            counts[shard] = counts.get(shard, 0) + 1
-        del weight_map[next(n for n in sorted(weight_map) if counts[weight_map[n]] > 1)]
-    _edit(index, drop)
+    _edit(index, lambda value: value["weight_map"].pop(_in_a_shard_of_several(value["weight_map"])) and None)
+
+
+def _in_a_shard_of_several(weight_map: dict[str, str]) -> str:
+    """A tensor whose shard holds others too: the shard stays listed without it."""
+    counts: dict[str, int] = {}
+    for shard in weight_map.values():
+        counts[shard] = counts.get(shard, 0) + 1
+    return next(n for n in sorted(weight_map) if counts[weight_map[n]] > 1)
 
 
 # name -> (change, warning codes expected with --llm-base)

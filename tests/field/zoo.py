@@ -293,18 +293,12 @@ class Zoo:
     def bf16_base(self) -> Path:
         """The fixture in bf16 by save_pretrained, model and tokenizer: how bases ship."""
         def build(out: Path) -> None:
-            import torch
-
-            model, tokenizer = _load(FP32_BASE, "float32")
-            _save(model.to(torch.bfloat16), tokenizer, out)
+            _save(*_load(FP32_BASE, "bfloat16"), out)
         return self._once("base-bf16", build)
 
     def bf16_base_sharded(self) -> Path:
         def build(out: Path) -> None:
-            import torch
-
-            model, tokenizer = _load(FP32_BASE, "float32")
-            _save(model.to(torch.bfloat16), tokenizer, out, max_shard_size=SMALL_SHARDS)
+            _save(*_load(FP32_BASE, "bfloat16"), out, max_shard_size=SMALL_SHARDS)
             assert len(_shards(out)) > 1 and (out / "model.safetensors.index.json").is_file()
         return self._once("base-bf16-sharded", build)
 
@@ -320,22 +314,18 @@ class Zoo:
 
     def no_generation_config_base(self) -> Path:
         def build(out: Path) -> None:
-            import torch
-
-            model, tokenizer = _load(FP32_BASE, "float32")
+            model, tokenizer = _load(FP32_BASE, "bfloat16")
             # The stop ids live in config.json then, as in Llama 3's: chat turns end with
             # <|im_end|> (2), raw text with <|endoftext|> (0).
             model.config.eos_token_id = [2, 0]
-            _mergekit_style_save(model.to(torch.bfloat16), tokenizer, out)
+            _mergekit_style_save(model, tokenizer, out)
         return self._once("base-bf16-no-generation-config", build)
 
     def extra_weights_base(self) -> Path:
         def build(out: Path) -> None:
-            import torch
             from safetensors.torch import save_file
 
-            model, tokenizer = _load(FP32_BASE, "float32")
-            model = model.to(torch.bfloat16)
+            model, tokenizer = _load(FP32_BASE, "bfloat16")
             _save(model, tokenizer, out, max_shard_size=SMALL_SHARDS)
             assert len(_shards(out)) > 1 and (out / "model.safetensors.index.json").is_file()
             save_file(_consolidated(model), str(out / "consolidated.safetensors"))
@@ -343,10 +333,7 @@ class Zoo:
 
     def bf16_tied_base(self) -> Path:
         def build(out: Path) -> None:
-            import torch
-
-            model, tokenizer = _load(TIED, "float32")
-            _save(model.to(torch.bfloat16), tokenizer, out)
+            _save(*_load(TIED, "bfloat16"), out)
         return self._once("base-tied-bf16", build)
 
     def added_pad_adapter(self) -> Path:
