@@ -645,7 +645,7 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
     differ = [n for n in common if shapes[n].shape != base_shapes[n].shape]
     grown = [n for n in differ if _vocabulary_grown(model, n, shapes[n].shape, base_shapes[n].shape)]
     if grown:
-        findings.append(Finding("WGT021", "warning", f"embedding rows added for new tokens: " + "; ".join(
+        findings.append(Finding("WGT021", "warning", "embedding rows added for new tokens: " + "; ".join(
             f"{n}: base {base_shapes[n].shape[0]} rows, model {shapes[n].shape[0]}" for n in grown),
             _weights_file(model)))
     reshaped = [f"{n}: base {list(base_shapes[n].shape)}, model {list(shapes[n].shape)}"
