@@ -218,13 +218,18 @@ run_merge(MergeSpec(Path(sys.argv[1]), (Path(sys.argv[2]),)), cache_dir=said.par
 def test_killing_the_parent_mid_merge_kills_the_merge(tmp_path: Path) -> None:
     from conftest import ADAPTERS, BASE
 
-    said = tmp_path / "said.txt"
-    parent = subprocess.Popen([sys.executable, "-c", MERGE_PARENT, str(BASE), str(ADAPTERS[0]), str(said)],
+    # A merge that cannot finish: its adapter weights are a FIFO nobody writes, so the merge
+    # process blocks reading them (a merge stuck on a hung network volume) until it is killed.
+    stuck = Path(shutil.copytree(ADAPTERS[0], tmp_path / "stuck"))
+    (stuck / "adapter_model.safetensors").unlink()
+    os.mkfifo(stuck / "adapter_model.safetensors")
+    parent = subprocess.Popen([sys.executable, "-c", MERGE_PARENT, str(BASE), str(stuck), str(tmp_path / "said.txt")],
                               start_new_session=True)
     try:
-        assert _wait_for(said.exists, 120), "the merge never started"
+        assert _wait_for(lambda: _merge_processes(str(tmp_path)), 120), "the merge process never started"
         children = _merge_processes(str(tmp_path))
-        assert children
+        time.sleep(1)
+        assert all(pid in _merge_processes(str(tmp_path)) for pid in children)  # still merging
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         assert _wait_for(lambda: not set(children) & set(_merge_processes(str(tmp_path))), GONE_WITHIN_S)
