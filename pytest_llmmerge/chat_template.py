@@ -68,7 +68,53 @@ def _check_sizes(values: Iterable[Any]) -> None:
             raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
 
 
-_WIDTH = re.compile(r"%[-#0 +]*(\d+)|\{[^{}]*?:[^{}]*?(\d+)[^{}]*\}")
+# printf conversions ("%-999999999s", "%.999999999f", "%*d") and the numbers in a str.format
+# field's spec ("{:>999999999}", "{:.999999999f}") ask one C call for a value of that size.
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_DIGITS = re.compile(r"\d+")
+
+
+def _check_size_request(value: Any) -> None:
+    """An integer (or a string of digits, which a nested format field turns into a width)
+    asking for more than any one value may hold."""
+    digits = value if isinstance(value, str) and value.isdigit() else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        too_big = value > MAX_VALUE_LENGTH
+    elif digits is not None:
+        too_big = len(digits) > 7 or int(digits) > MAX_VALUE_LENGTH
+    else:
+        return
+    if too_big:
+        raise TemplateBudgetExceeded(f"a size of {str(value)[:20]} is larger than {MAX_VALUE_LENGTH}")
+
+
+def _check_printf(fmt: str, args: Any) -> None:
+    starred = False
+    for match in _PRINTF_SPEC.finditer(fmt):
+        for number in match.groups():
+            if number == "*":
+                starred = True
+            elif number:
+                _check_size_request(number)
+    if starred:
+        for value in args if isinstance(args, (tuple, list)) else (args,):
+            _check_size_request(value)
+
+
+def _check_format_fields(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    import string
+
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return  # str.format itself raises the same error
+    for _, _, spec, _ in fields:
+        for number in _DIGITS.findall(spec or ""):
+            _check_size_request(number)
+        if spec and "{" in spec:  # "{:{}}": the width comes from an argument
+            mappings = [a for a in args if isinstance(a, Mapping)]
+            for value in (*args, *kwargs.values(), *(v for m in mappings for v in m.values())):
+                _check_size_request(value)
 
 
 def _environment() -> Any:
@@ -108,7 +154,7 @@ def _environment() -> Any:
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "%" and isinstance(left, str):
-                _check_widths(left)
+                _check_printf(left, right)
             if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
                 raise TemplateBudgetExceeded(f"exponent {right} is larger than {MAX_EXPONENT}")
             if operator == "*":
@@ -119,19 +165,21 @@ def _environment() -> Any:
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-            # str.center(10**9), "{:999999999}".format(...): one C call, gigabytes.
+            # str.center(10**9), range(10**9): one C call, gigabytes.
             for value in (*args, *kwargs.values()):
-                if isinstance(value, int) and not isinstance(value, bool) and value > MAX_VALUE_LENGTH:
-                    raise TemplateBudgetExceeded(f"an argument of {value} is larger than {MAX_VALUE_LENGTH}")
-                if isinstance(value, str):
-                    _check_widths(value)
-            if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(
-                    getattr(__obj, "__self__", None), str):
-                _check_widths(__obj.__self__)
+                if not isinstance(value, str):
+                    _check_size_request(value)
+            # jinja hands str.format over wrapped (3.1.5+) or bare (before): look through.
+            method = getattr(__obj, "__wrapped__", __obj)
+            if getattr(method, "__name__", "") in ("format", "format_map") and isinstance(
+                    getattr(method, "__self__", None), str):
+                _check_format_fields(method.__self__, args, kwargs)
             return super().call(__context, __obj, *args, **kwargs)
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
+    # Filters are called directly, not through `call`: "x" | center(10**9), "%999999999s" | format.
+    env.filters.update({name: _bounded_filter(name, f) for name, f in env.filters.items()})
     env.globals["namespace"] = BoundedNamespace
     env.globals["raise_exception"] = raise_exception
     # A fixed date so that templates that print today's date render the same for both sides.
@@ -139,12 +187,18 @@ def _environment() -> Any:
     return env
 
 
-def _check_widths(text: str) -> None:
-    """A format string asking for a field wider than any value may be."""
-    for match in _WIDTH.finditer(text):
-        width = match.group(1) or match.group(2)
-        if width and len(width) > 7 or (width and int(width) > MAX_VALUE_LENGTH):
-            raise TemplateBudgetExceeded(f"a format width of {width} is larger than {MAX_VALUE_LENGTH}")
+def _bounded_filter(name: str, function: Any) -> Any:
+    import functools
+
+    @functools.wraps(function)  # keeps jinja's pass_context/pass_eval_context mark
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if not isinstance(value, str):
+                _check_size_request(value)
+        if name == "format" and args and isinstance(args[0], str):
+            _check_printf(args[0], kwargs or args[1:])
+        return function(*args, **kwargs)
+    return bounded
 
 
 def render(template: str, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool,

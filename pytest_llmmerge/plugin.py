@@ -26,6 +26,7 @@ from .plugin_state import (
     close_run,
     get_chain,
     get_runner,
+    unwind_on_sigterm,
 )
 from .settings import OPTIONS, Settings, SettingsError, describe, resolve_settings
 
@@ -73,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = settings
     if settings.enabled:
         config.pluginmanager.register(Reporting(config, settings), "llmmerge-reporting")
+        unwind_on_sigterm(config)
     config.stash[SUITE_ERRORS_KEY] = []
     config.stash[CORPORA_KEY] = []
 

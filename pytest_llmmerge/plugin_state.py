@@ -11,8 +11,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +169,23 @@ def _temp_dir(config: pytest.Config, prefix: str) -> Path:
 _RUN_DIR = re.compile(r"^llmmerge-(workers|merges)-(?P<pid>\d+)-")
 
 
+SIGTERM_KEY = pytest.StashKey[Any]()
+
+
+def unwind_on_sigterm(config: pytest.Config) -> None:
+    """Let SIGTERM (how CI cancels a job) end the run the way Ctrl-C does, so workers close and
+    the run's temp dirs go now, not at the next run.  Only where SIGTERM still has its default
+    action: a handler the user or another plugin set is theirs.  A second SIGTERM kills at once."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM: stopping the run and removing its temporary directories")
+
+    config.stash[SIGTERM_KEY] = signal.signal(signal.SIGTERM, interrupt)
+
+
 def close_run(config: pytest.Config) -> None:
     """Close every worker, then remove the temp dirs the run made (worker logs: their tails are
     already in the failures that needed them; merges of a run without the pytest cache)."""
@@ -175,6 +194,8 @@ def close_run(config: pytest.Config) -> None:
         runner.close()
     for path in config.stash.get(TEMP_DIRS_KEY, []):
         shutil.rmtree(path, ignore_errors=True)
+    if SIGTERM_KEY in config.stash and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, config.stash[SIGTERM_KEY])
 
 
 def progress_writer(config: pytest.Config) -> Any:

@@ -141,7 +141,8 @@ def chat_templates(rng: random.Random, row: Row) -> None:
     pieces = ["{% for m in messages %}", "{% endfor %}", "{{ m.content }}", "{% if add_generation_prompt %}",
               "{% endif %}", "<|im_end|>", "{{ eos_token }}", "{% for i in range(100000) %}", "{{ 'x' * 99999 }}",
               "{{ 2 ** 99999 }}", "{{ raise_exception('no') }}", "{{", "}}", "{% macro f(n) %}{{ f(n) }}{% endmacro %}"
-              "{{ f(1) }}", "{{ x|tojson }}", "text"]
+              "{{ f(1) }}", "{{ x|tojson }}", "text", "{{ '{:999999999}'.format(1) }}", "{{ 'x' | center(999999999) }}",
+              "{{ '%.999999999f' % 1.0 }}", "{{ '{:{}}'.format(1, '999999999') }}"]
 
     def attempt(template: str) -> Callable[[], None]:
         def run() -> None:
@@ -205,13 +206,13 @@ CLASSES: tuple[tuple[str, Callable[[random.Random, Row], None]], ...] = (
     ("safetensors headers: random bytes, deep nesting, huge integers, bad offsets", safetensors_headers),
     ("checkpoint JSON (config, generation config, tokenizer, index) through every integrity check",
      checkpoint_files),
-    ("chat templates: unbounded loops, huge values, endless recursion, broken syntax", chat_templates),
+    ("chat templates: unbounded loops, huge values and format widths, endless recursion, broken syntax", chat_templates),
     ("suites: alias bombs, recursive aliases, nan/inf, deep nesting, random YAML", suites),
     ("option values: nan, inf, negative, zero, huge, not numbers (flag and environment)", option_values),
 )
 # Faults on real processes, each proven by the named test in `make test`.
 FAULTS: tuple[tuple[str, str], ...] = (
-    ("pytest killed (SIGKILL, SIGTERM) mid-generation: no worker left within 10 s",
+    ("pytest killed (SIGKILL, SIGTERM) mid-generation: no worker left within 10 s; after SIGTERM no temp dir",
      "test_faults.py::test_stopping_pytest_mid_generation_leaves_no_worker"),
     ("the parent killed (SIGKILL) mid-merge: no merge process left within 10 s",
      "test_faults.py::test_killing_the_parent_mid_merge_kills_the_merge"),

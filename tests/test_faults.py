@@ -38,8 +38,10 @@ def test_stopping_pytest_mid_generation_leaves_no_worker(tmp_path: Path, sig: si
     (tmp_path / "suite.yaml").write_text(HANG_SUITE.format(timeout=600, option=HANG_OPTION), encoding="utf-8")
     shutil.copy(REPO / "tests" / "hanging_backend.py", tmp_path)
     pid_file, hang_file = tmp_path / "pids.txt", tmp_path / "hanging.txt"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     env = {**os.environ, "LLMMERGE_TEST_PID_FILE": str(pid_file), "LLMMERGE_TEST_HANG_FILE": str(hang_file),
-           "PYTHONPATH": str(tmp_path)}
+           "PYTHONPATH": str(tmp_path), "TMPDIR": str(scratch)}
     log = (tmp_path / "pytest.log").open("wb")
     pytest_proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--llm-model={MERGED}", "-m", "llmmerge_suite",
@@ -55,6 +57,9 @@ def test_stopping_pytest_mid_generation_leaves_no_worker(tmp_path: Path, sig: si
         pytest_proc.wait(timeout=30)
         assert _wait_for(lambda: not any(alive(p) for p in workers), GONE_WITHIN_S), \
             f"worker(s) {[p for p in workers if alive(p)]} outlived pytest stopped by {sig.name}"
+        if sig == signal.SIGTERM:  # unwound like Ctrl-C: the run's temp dirs (worker logs) are gone now
+            assert [p.name for p in scratch.iterdir() if p.name.startswith("llmmerge")] == [], \
+                (tmp_path / "pytest.log").read_text(errors="replace")
     finally:
         log.close()
         for pid in [pytest_proc.pid, *workers]:

@@ -146,6 +146,29 @@ def test_any_chat_template_renders_or_fails_within_its_budget(template: str) -> 
     assert time.monotonic() - started < 3 * chat_template.RENDER_SECONDS + 2
 
 
+ONE_CALL_HUGE = ['{{ "{:999999999}".format(1) }}', '{{ "{:.999999999f}".format(1.0) }}', '{{ "%.999999999f" % 1.0 }}',
+                 '{{ ("{:" ~ "999999999}").format(1) }}', '{{ "{:{}}".format(1, "999999999") }}',
+                 '{{ "{a:{b}}".format_map({"a": 1, "b": 999999999}) }}', '{{ "%*d" % (999999999, 1) }}',
+                 '{{ "%999999999s" | format("x") }}', '{{ "x" | center(999999999) }}',
+                 '{{ "a\nb" | indent(999999999) }}', '{{ "x".ljust(999999999) }}']
+
+
+@pytest.mark.parametrize("template", ONE_CALL_HUGE)
+def test_a_single_call_asking_for_a_huge_value_is_refused_before_it_runs(template: str) -> None:
+    """One C call (a format width, a filter's size) can allocate gigabytes before any deadline
+    or output limit can look: such requests are refused up front, by their size."""
+    with pytest.raises(chat_template.TemplateBudgetExceeded, match="a size of 999999999 is larger"):
+        chat_template.render(template, [{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                             special_tokens={})
+
+
+def test_formatting_of_ordinary_size_renders_as_jinja_does() -> None:
+    template = ('{{ "%5.2f" % 3.14159 }}|{{ "{:>5}".format("ab") }}|{{ "%s-%s" | format(1, 2) }}|'
+                '{{ "ab" | center(6) }}|{{ "{:{}}".format(1, 3) }}|{{ "a\nb" | indent(2) }}|{{ "x" | truncate(10) }}')
+    rendered = chat_template.render(template, [], add_generation_prompt=False, special_tokens={})
+    assert rendered == " 3.14|   ab|1-2|  ab  |  1|a\n  b|x"
+
+
 suite_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=15),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
