@@ -32,7 +32,11 @@ class OptionSpec:
     kind: OptionKind
     help: str
     metavar: str | None = None
+    # Past this a number is a typo, and would fail late (a wait of 1e46 s overflows the clock).
+    maximum: float | None = None
 
+
+A_WEEK_S = 7 * 24 * 3600.0
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
@@ -95,7 +99,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "top_k", "--llm-top-k", "llm_top_k", "LLMMERGE_TOP_K", "int",
         "greedy outputs that differ pass when, at the first divergence, each side's token is in the "
-        "other's top k (default 5)", "K",
+        "other's top k (default 5)", "K", maximum=1_000_000,
     ),
     OptionSpec(
         "max_weight_change", "--llm-max-weight-change", "llm_max_weight_change", "LLMMERGE_MAX_WEIGHT_CHANGE",
@@ -149,30 +153,32 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "batch_size", "--llm-batch-size", "llm_batch_size", "LLMMERGE_BATCH_SIZE", "int",
         "prompts generated together per worker (default 8; 1 pins every hang to its prompt at once)",
-        "N",
+        "N", maximum=65_536,
     ),
     OptionSpec(
         "load_timeout_s", "--llm-load-timeout", "llm_load_timeout", "LLMMERGE_LOAD_TIMEOUT", "float",
-        "seconds a worker may take to load its model (default 900)", "SECONDS",
+        "seconds a worker may take to load its model (default 900)", "SECONDS", maximum=A_WEEK_S,
     ),
     OptionSpec(
         "merge_timeout_s", "--llm-merge-timeout", "llm_merge_timeout", "LLMMERGE_MERGE_TIMEOUT", "float",
         "seconds one merge build may take (it runs in its own process, killed at the deadline; the items "
-        "needing it fail with the reason) (default 3600)", "SECONDS",
+        "needing it fail with the reason) (default 3600)", "SECONDS", maximum=A_WEEK_S,
     ),
     OptionSpec(
         "call_timeout_s", "--llm-call-timeout", "llm_call_timeout", "LLMMERGE_CALL_TIMEOUT", "float",
         "seconds parity and agreement give a worker per text scored or prompt generated; a call of n gets "
         "n times it, and a worker that misses it is killed and the item fails (default 120)", "SECONDS",
+        maximum=A_WEEK_S,
     ),
     OptionSpec(
         "tensor_parallel_size", "--llm-tensor-parallel-size", "llm_tensor_parallel_size",
         "LLMMERGE_TENSOR_PARALLEL_SIZE", "int", "GPUs vLLM splits each model over (default 1)", "N",
+        maximum=4096,
     ),
     OptionSpec(
         "kv_cache_gib", "--llm-kv-cache-gib", "llm_kv_cache_gib", "LLMMERGE_KV_CACHE_GIB", "float",
         "vLLM KV cache size in GiB (default: on CPU, room for two full-length sequences; on GPU, "
-        "vLLM's own sizing)", "GIB",
+        "vLLM's own sizing)", "GIB", maximum=1_048_576,
     ),
     OptionSpec(
         "vllm_args", "--llm-vllm-arg", "llm_vllm_args", "LLMMERGE_VLLM_ARGS", "names",
@@ -266,13 +272,17 @@ def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> ob
         parts = items if items is not None else [str(raw)]
         return tuple(n.strip() for p in parts for n in p.split(",") if n.strip())
     if spec.kind in ("int", "float"):
+        text = str(raw).strip()
+        shown = repr(text if len(text) <= 40 else text[:40] + "...")
         try:
-            number = int(str(raw)) if spec.kind == "int" else float(str(raw))
+            number = int(text) if spec.kind == "int" else float(text)
         except ValueError:
-            raise SettingsError(f"{where}: {raw!r} is not {'an integer' if spec.kind == 'int' else 'a number'}") \
+            raise SettingsError(f"{where}: {shown} is not {'an integer' if spec.kind == 'int' else 'a number'}") \
                 from None
-        if not math.isfinite(number) or number <= 0:
-            raise SettingsError(f"{where}: {raw!r} must be a finite number greater than 0")
+        if (isinstance(number, float) and not math.isfinite(number)) or number <= 0:
+            raise SettingsError(f"{where}: {shown} must be a finite number greater than 0")
+        if spec.maximum is not None and number > spec.maximum:
+            raise SettingsError(f"{where}: {shown} is larger than the most this option takes, {int(spec.maximum)}")
         return number
     return str(raw).strip()
 

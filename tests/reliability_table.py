@@ -184,7 +184,7 @@ def suites(rng: random.Random, row: Row) -> None:
 def option_values(rng: random.Random, row: Row) -> None:
     from pytest_llmmerge.settings import OPTIONS, SettingsError, resolve_settings
 
-    bad = ["nan", "inf", "-inf", "-1", "0", "", "1e999", "abc", HUGE_INT]
+    bad = ["nan", "inf", "-inf", "-1", "0", "", "1e999", "1e46", str(10**400), "abc", HUGE_INT]
     numeric = [s for s in OPTIONS if s.kind in ("int", "float")]
 
     def attempt(spec: Any, raw: str, source: str) -> Callable[[], None]:

@@ -114,6 +114,34 @@ def test_non_finite_or_negative_thresholds_are_usage_errors(tmp_path: Path, spec
         resolve(tmp_path, env={spec.env: raw})
 
 
+@pytest.mark.parametrize("spec", NUMERIC, ids=[s.flag for s in NUMERIC])
+def test_numbers_past_what_a_type_holds_are_usage_errors(tmp_path: Path, spec: object) -> None:
+    """10**400 is an int no float holds: a usage error, not an OverflowError."""
+    from pytest_llmmerge.settings import OptionSpec
+
+    assert isinstance(spec, OptionSpec)
+    with pytest.raises(SettingsError, match=f"{spec.flag}: '10000"):
+        resolve(tmp_path, cli={spec.dest: str(10**400)})
+
+
+BOUNDED = [s for s in NUMERIC if s.maximum is not None]
+
+
+@pytest.mark.parametrize("spec", BOUNDED, ids=[s.flag for s in BOUNDED])
+def test_sizes_and_deadlines_past_their_maximum_are_usage_errors(tmp_path: Path, spec: object) -> None:
+    """A timeout of 1e46 s would be accepted and then overflow the first wait that uses it."""
+    from pytest_llmmerge.settings import OptionSpec
+
+    assert isinstance(spec, OptionSpec) and spec.maximum is not None
+    at_most = str(int(spec.maximum))
+    assert getattr(resolve(tmp_path, cli={spec.dest: at_most}), spec.dest) == float(at_most)
+    with pytest.raises(SettingsError, match=f"{spec.env}: '1e46' .* the most this option takes, {at_most}$"
+                       if spec.kind == "float" else f"{spec.env}: '1e46' is not an integer"):
+        resolve(tmp_path, env={spec.env: "1e46"})
+    with pytest.raises(SettingsError, match=f"the most this option takes, {at_most}$"):
+        resolve(tmp_path, cli={spec.dest: str(int(spec.maximum) + 1)})
+
+
 def test_errors_name_the_environment_variable_the_value_came_from(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="environment variable LLMMERGE_MODEL: .*nowhere does not exist"):
         resolve(tmp_path, env={"LLMMERGE_MODEL": str(tmp_path / "nowhere")})
