@@ -8,9 +8,7 @@ from typing import Any
 
 import pytest
 
-from .plugin_state import RUNNER_KEY
-from .settings import Settings
-
+from .run import LlmMergeRun
 
 _KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement")
 
@@ -21,9 +19,10 @@ class Reporting:
     Registered as a plugin object in pytest_configure, so its hooks see the run's config.
     """
 
-    def __init__(self, config: pytest.Config, settings: Settings) -> None:
-        self.config = config
-        self.settings = settings
+    def __init__(self, run: LlmMergeRun) -> None:
+        self.run = run
+        self.config = run.config
+        self.settings = run.settings
         self.records: dict[str, Any] = {}
         self.remote_workers: dict[str, dict[str, Any]] = {}  # model loads of xdist processes
         self.write_errors: list[str] = []  # reports that could not be written, for the summary
@@ -33,7 +32,7 @@ class Reporting:
         if (report.when != "call" and report.outcome == "passed") or \
                 (report.when == "teardown" and report.outcome != "failed"):
             return
-        from .report import record
+        from ..report import record
 
         kind = next((k for k in _KINDS if f"llmmerge_{k}" in report.keywords), "test")
         given = {k: v for k, v in report.user_properties if k in ("variant", "backend")}
@@ -60,9 +59,8 @@ class Reporting:
         from dataclasses import asdict
 
         combined = {label: dict(numbers) for label, numbers in self.remote_workers.items()}
-        runner = self.config.stash.get(RUNNER_KEY, None)
-        if runner is not None:
-            _add_stats(combined, {label: asdict(stats) for label, stats in runner.stats().items()})
+        if self.run.runner is not None:
+            _add_stats(combined, {label: asdict(stats) for label, stats in self.run.runner.stats().items()})
         return combined
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -76,7 +74,7 @@ class Reporting:
         import dataclasses
         from datetime import datetime, timezone
 
-        from . import report
+        from .. import report
 
         built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
                              workers=self.worker_stats(), exit_status=int(exitstatus),
@@ -102,7 +100,7 @@ class Reporting:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Termination and parity figures per variant and backend, and the model loads per worker."""
-        from .report import terminal_lines
+        from ..report import terminal_lines
 
         lines = terminal_lines(list(self.records.values()), self.worker_stats())
         failed = " ".join(self.write_errors)

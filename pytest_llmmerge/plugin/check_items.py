@@ -1,0 +1,94 @@
+"""The `integrity::`, `weights::` and `audit::` items: one per check, failing with its findings."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .run import LlmMergeRun
+
+
+class CheckFailed(Exception):
+    def __init__(self, findings: list[Any], model: Path) -> None:
+        super().__init__(findings)
+        self.findings = findings
+        self.model = model
+
+
+class CheckGroup(pytest.Collector):
+    """One group of checks (integrity: files and headers; weights: tensor data; audit: the
+    merge, with --llm-audit-merge), one item per check of the registry."""
+
+    def __init__(self, *, group: str, run: LlmMergeRun, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.group = group
+        self.run = run
+
+    def collect(self) -> list[pytest.Item]:
+        from ..docs import ALL_CHECKS  # TEMP until the checks registry lands
+
+        return [CheckItem.from_parent(self, name=check.name, check=check, run=self.run)
+                for check in ALL_CHECKS if check.group == self.group]
+
+
+class CheckItem(pytest.Item):
+    """One check of the checkpoint's files, tensors or merge, failing with its findings."""
+
+    def __init__(self, *, check: Any, run: LlmMergeRun, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check = check
+        self.run = run
+        self.worker_keys: tuple[tuple[str, str], ...] = ()  # reads files only, needs no model
+        self.add_marker("llmmerge")
+        self.add_marker(f"llmmerge_{check.group}")
+
+    def runtest(self) -> None:
+        from ..integrity import IntegrityWarning, run_check
+
+        context = self.run.check_context()
+        outcome = run_check(self.check, context)
+        self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
+        self.user_properties.extend(_check_figures(self.check, context))  # TEMP
+        if outcome.skipped is not None:
+            pytest.skip(outcome.skipped)
+        with warnings.catch_warnings():
+            # A warning finding passes its item whatever the user's filterwarnings (strict
+            # repositories set "error"); pytest's own recorder still shows it in the summary.
+            warnings.simplefilter("always", IntegrityWarning)
+            for finding in outcome.warnings:
+                warnings.warn(IntegrityWarning(f"{finding.render()} ({context.model.path / finding.file})"),
+                              stacklevel=1)
+        if outcome.errors:
+            raise CheckFailed(outcome.errors, context.model.path)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        from ..variants import BuildFailed
+
+        if isinstance(excinfo.value, BuildFailed):
+            return f"{self.check.group} check {self.check.name!r}: {excinfo.value}"
+        if isinstance(excinfo.value, CheckFailed):
+            lines = [f"{self.check.group} check {self.check.name!r} failed on {excinfo.value.model}:"]
+            for finding in excinfo.value.findings:
+                lines.append(f"  {finding.code} {finding.file}: {finding.message}")
+            return "\n".join(lines)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.check.group}::{self.check.name}"
+
+
+def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:  # TEMP until checks carry figures
+    if check.group == "weights" and check.name == "change_vs_base":
+        from ..weights import SCAN_KEY, change_table
+
+        if SCAN_KEY in context.memo:
+            return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo[SCAN_KEY])]
+    if check.group == "audit":
+        from ..audit import LAYERS_KEY
+
+        return [(f"merge_audit_error:{tensor}", layer["error"])
+                for tensor, layer in context.memo.get(LAYERS_KEY, {}).items()]
+    return []
