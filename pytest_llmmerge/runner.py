@@ -91,7 +91,7 @@ class Runner:
         identity = self._identity(key)
         todo = list(dict.fromkeys(r for r in requests if (identity, r) not in self._scores))
         if todo:
-            results: list[TokenLogprobs] = self.worker(key).call("score", todo, deadline_s * len(todo))
+            results = self.worker(key).score(todo, deadline_s * len(todo))
             self._scores.update(((identity, r), s) for r, s in zip(todo, results))
         return [self._scores[(identity, r)] for r in requests]
 

@@ -5,8 +5,10 @@ be interrupted from inside its own process.  So each backend lives in a child pr
 own session; a request that misses its deadline kills the whole process group (no orphans,
 vLLM's engine processes included) and the next request starts a fresh child.
 
-The child is `python -m pytest_llmmerge.worker FD`, talking over a socketpair with pickled
-tuples; its stdout and stderr go to a log file whose tail is shown when it fails.
+The child is `python -m pytest_llmmerge.worker FD`, talking over a socketpair: the parent sends
+typed requests (Load, Generate, Score, Close), the child answers with ("loaded" | "result" |
+"progress" | "error", value) tuples; its stdout and stderr go to a log file whose tail is shown
+when it fails.  Only the Runner talks to workers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from . import lifeline
-from .backends.base import Generation, GenRequest
+from .backends.base import Generation, GenRequest, ScoreRequest, TokenLogprobs
+
+@dataclass(frozen=True)
+class Load:
+    backend: str  # "module:Class" of the backend
+    kwargs: dict[str, Any]
+    sys_path: list[str]  # the parent's: a backend may live in the user's project
+
+
+@dataclass(frozen=True)
+class Generate:
+    requests: list[GenRequest]
+
+
+@dataclass(frozen=True)
+class Score:
+    requests: list[ScoreRequest]
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
 
 LOG_TAIL_LINES = 25
 # Environment every worker gets: never reach a model hub, and keep tokenizers' own thread
@@ -83,14 +107,18 @@ class Worker:
     # --- public -----------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenRequest], deadline_s: float) -> list[Generation]:
-        result: list[Generation] = self.call("generate", list(requests), deadline_s)
+        result: list[Generation] = self._call(Generate(list(requests)), deadline_s)
         return result
 
-    def call(self, op: str, payload: Any, deadline_s: float) -> Any:
-        """Run `op` in the child; raises DeadlineExceeded, RequestFailed or WorkerError."""
+    def score(self, requests: Sequence[ScoreRequest], deadline_s: float) -> list[TokenLogprobs]:
+        result: list[TokenLogprobs] = self._call(Score(list(requests)), deadline_s)
+        return result
+
+    def _call(self, request: Generate | Score, deadline_s: float) -> Any:
+        """Run `request` in the child; raises DeadlineExceeded, RequestFailed or WorkerError."""
         conn = self._ensure_started()
         self.stats.requests += 1
-        conn.send((op, payload))
+        conn.send(request)
         return self._wait(deadline_s, expect="result")
 
     @property
@@ -107,7 +135,7 @@ class Worker:
             return
         if self.alive and self._conn is not None:
             try:
-                self._conn.send(("close", None))
+                self._conn.send(Close())
                 self._proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 pass
@@ -135,7 +163,7 @@ class Worker:
         self._conn = Connection(parent_sock.detach())
         if self.on_status is not None:
             self.on_status(f"loading {self.label} ({self.backend})")
-        self._conn.send(("load", {"backend": self.backend, "kwargs": self.kwargs, "sys_path": sys.path}))
+        self._conn.send(Load(self.backend, self.kwargs, list(sys.path)))
         seconds = self._wait(self.load_timeout_s, expect="loaded", loading=True)
         self.stats.loads += 1
         self.stats.load_seconds += float(seconds)
@@ -209,15 +237,18 @@ class Worker:
 def _child(fd: int, lifeline_fd: int | None = None) -> None:
     if lifeline_fd is not None:
         lifeline.die_with_parent(lifeline_fd)
+    # This file runs as __main__ in the child; requests unpickle as the package module's classes.
+    from pytest_llmmerge.worker import Close, Generate, Load, Score
+
     conn = Connection(fd)
-    op, init = conn.recv()
-    assert op == "load"
-    sys.path[:0] = [p for p in init["sys_path"] if p not in sys.path]
+    load = conn.recv()
+    assert isinstance(load, Load)
+    sys.path[:0] = [p for p in load.sys_path if p not in sys.path]
     from .backends import backend_class
 
     try:
         start = time.perf_counter()
-        backend = backend_class(init["backend"])(**init["kwargs"])
+        backend = backend_class(load.backend)(**load.kwargs)
         conn.send(("loaded", time.perf_counter() - start))
     except BaseException as exc:  # the parent reports it; the child has nothing else to do
         traceback.print_exc()
@@ -229,22 +260,23 @@ def _child(fd: int, lifeline_fd: int | None = None) -> None:
 
     while True:
         try:
-            op, payload = conn.recv()
+            request = conn.recv()
         except EOFError:
             break
-        if op == "close":
+        if isinstance(request, Close):
             break
         try:
-            if op == "generate":
-                result = backend.generate(payload, on_progress=progress)
+            if isinstance(request, Generate):
+                result: Any = backend.generate(request.requests, on_progress=progress)
+            elif isinstance(request, Score):
+                result = backend.score(request.requests)
             else:
-                result = getattr(backend, op)(payload)
+                raise TypeError(f"unknown request {type(request).__name__}")
             conn.send(("result", result))
         except Exception as exc:
             traceback.print_exc()
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
     backend.close()
-
 
 if __name__ == "__main__":
     _child(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None)
