@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends.base import Generation, GenRequest, ScoreRequest, TokenLogprobs
+from .backends.base import DEFAULT_MAX_NEW_TOKENS, Generation, GenRequest, ScoreRequest, TokenLogprobs
 from .runner import Runner
 from .variants import ModelSpec
 
@@ -28,11 +28,11 @@ class ModelClient:
     backend_name: str
     timeout_s: float = DEFAULT_TIMEOUT_S
 
-    def generate(self, prompt: str | GenRequest, *, max_new_tokens: int = 64) -> Generation:
+    def generate(self, prompt: str | GenRequest, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Generation:
         """Greedy generation of one prompt; a str is raw text, a GenRequest may carry chat messages."""
         return self.generate_many([prompt], max_new_tokens=max_new_tokens)[0]
 
-    def generate_many(self, prompts: Sequence[str | GenRequest], *, max_new_tokens: int = 64) -> list[Generation]:
+    def generate_many(self, prompts: Sequence[str | GenRequest], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[Generation]:
         """Greedy generation of several prompts in one batch."""
         requests = [p if isinstance(p, GenRequest) else GenRequest(prompt=p, max_new_tokens=max_new_tokens)
                     for p in prompts]

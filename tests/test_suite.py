@@ -16,6 +16,7 @@ from pytest_llmmerge.suite import (
     VARIANTS,
     Case,
     Expect,
+    MAX_SUITE_BYTES,
     NgramLimit,
     SuiteError,
     default_suite,
@@ -178,6 +179,29 @@ def test_file_is_named_relative_to_cwd_else_by_name(in_tmp: Path, tmp_path_facto
 def test_unreadable_file_is_a_suite_error(in_tmp: Path) -> None:
     with pytest.raises(SuiteError, match=r"^missing\.yaml: <root>: cannot read the file: "):
         load_suite(in_tmp / "missing.yaml")
+
+
+def test_a_suite_that_is_not_a_regular_file_or_too_big_is_refused_unread(in_tmp: Path) -> None:
+    """A FIFO would block the read forever, a device would never end."""
+    import os
+
+    os.mkfifo(in_tmp / "fifo.yaml")
+    with pytest.raises(SuiteError, match=r"^fifo\.yaml: <root>: cannot read the file: .* is not a regular file"):
+        load_suite(in_tmp / "fifo.yaml")
+    assert not looks_like_suite(in_tmp / "fifo.yaml")
+    big = in_tmp / "big.yaml"
+    with big.open("wb") as fh:
+        fh.truncate(MAX_SUITE_BYTES + 1)
+    with pytest.raises(SuiteError, match=r"^big\.yaml: <root>: cannot read the file: .* more than the"):
+        load_suite(big)
+
+
+def test_a_yaml_bomb_beside_the_suites_is_not_expanded_to_tell_whether_it_is_one(in_tmp: Path) -> None:
+    bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "cases: [*i]\n"
+    assert looks_like_suite(write(in_tmp, bomb, "bomb.yaml"))  # a suite to report, refused at load
+    with pytest.raises(SuiteError, match="aliases expand to more than"):
+        load_suite(in_tmp / "bomb.yaml")
 
 
 def test_looks_like_suite(in_tmp: Path) -> None:

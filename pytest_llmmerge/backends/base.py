@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+# The token budget of a request that names none: suite cases and users' own tests alike.
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,7 @@ class GenRequest:
 
     prompt: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..report import FINDINGS
 from .run import LlmMergeRun
 
 
@@ -51,6 +53,8 @@ class CheckItem(pytest.Item):
         context = self.run.check_context()
         outcome = run_check(self.check, context)
         self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
+        if outcome.findings:
+            self.user_properties.append((FINDINGS, [dataclasses.asdict(f) for f in outcome.findings]))
         self.user_properties.extend(_check_figures(self.check, context))  # TEMP
         if outcome.skipped is not None:
             pytest.skip(outcome.skipped)
