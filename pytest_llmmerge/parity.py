@@ -193,8 +193,8 @@ def compare_stage(runner: Scorer, sides: Sides, texts: Sequence[str], prompts: S
     if not _tokenized_alike(report, sides, texts, scored):
         return report
     judge_scores(report, sides, texts, scored, settings, blame)
-    report.failures += _greedy_failures(runner, sides.noise, sides.candidate, prompts, settings, deadline_s,
-                                        report, (sides.noise_name, sides.candidate_name))
+    compare_greedy(runner, sides.noise, sides.candidate, prompts, report,
+                   names=(sides.noise_name, sides.candidate_name), top_k=settings.top_k, deadline_s=deadline_s)
     return report
 
 
@@ -206,24 +206,36 @@ def _divergence(runner: Scorer, a: Key, b: Key, ga: Generation, position: int, t
             [i for i, _ in runner.score(b, [prefix], deadline_s)[0].top[-1]])
 
 
-def _greedy_failures(runner: Scorer, a: Key, b: Key, prompts: Sequence[GenRequest], settings: Any, deadline_s: float,
-                     report: ParityReport, names: tuple[str, str]) -> list[str]:
+def compare_greedy(runner: Scorer, a: Key, b: Key, prompts: Sequence[GenRequest], report: ParityReport, *,
+                   names: tuple[str, str], top_k: int, deadline_s: float, ckpt: Any = None) -> None:
+    """Greedy outputs of `a` and `b` on `prompts`, judged the same way whichever side is which:
+    where the paths part, each side's token must be in the other's top k (a near tie there is
+    rounding noise).  With `ckpt` (two engines on one checkpoint) stopping at different tokens
+    fails too, named with the checkpoint's tokens, and agreement on termination is counted."""
     outs_a, outs_b = runner.generate_all(a, prompts, deadline_s), runner.generate_all(b, prompts, deadline_s)
-    failures, equal = [], 0
+    equal = agree = 0
     for request, ga, gb in zip(prompts, outs_a, outs_b):
+        shown = _doc(_request_text(request))
+        if ckpt is not None:
+            if stop_sets_differ(ga, gb):
+                report.failures.append(_termination_failure(shown, ga, gb, ckpt))
+                continue
+            # Otherwise any difference starts where the paths part, and whether two different
+            # paths end within the budget says nothing more.
+            agree += ga.finish_reason == gb.finish_reason
         position = metrics.first_divergence(ga.token_ids, gb.token_ids)
         if position is None:
             equal += 1
             continue
-        top_a, top_b = _divergence(runner, a, b, ga, position, settings.top_k, deadline_s)
+        top_a, top_b = _divergence(runner, a, b, ga, position, top_k, deadline_s)
         verdict = metrics.greedy_verdict(ga.token_ids, gb.token_ids, top_a, top_b)
         if not verdict.ok:
-            shown = _request_text(request)
-            failures.append(f"greedy outputs diverge at token {position} for {_doc(shown)}: {names[0]} "
-                            f"{verdict.token_a} vs {names[1]} {verdict.token_b}, not in each other's top "
-                            f"{settings.top_k} ({names[0]} {ga.text!r}, {names[1]} {gb.text!r})")
+            report.failures.append(f"greedy outputs diverge at token {position} for {shown}: {names[0]} "
+                                   f"{verdict.token_a} vs {names[1]} {verdict.token_b}, not in each other's top "
+                                   f"{top_k} ({names[0]} {ga.text!r}, {names[1]} {gb.text!r})")
     report.metrics["greedy_equal"] = f"{equal}/{len(prompts)}"
-    return failures
+    if ckpt is not None:
+        report.metrics["termination_agrees"] = f"{agree}/{len(prompts)}"
 
 
 def compare_reference(runner: Scorer, sides: Sides | None, reference: Key, texts: Sequence[str], settings: Any,
@@ -323,27 +335,6 @@ def compare_backends(runner: Scorer, sides: Sides, texts: Sequence[str], prompts
         judge_scores(report, sides, texts, scored, settings,
                      blame="serving: vLLM computes this checkpoint differently from transformers beyond what "
                            f"{sides.dtype} arithmetic explains (not the merge: both run the same files)")
-    hf, vllm = sides.noise, sides.candidate
-    outs_hf, outs_vllm = runner.generate_all(hf, prompts, deadline_s), runner.generate_all(vllm, prompts, deadline_s)
-    equal = agree = 0
-    for request, gh, gv in zip(prompts, outs_hf, outs_vllm):
-        shown = _doc(_request_text(request))
-        if stop_sets_differ(gh, gv):
-            report.failures.append(_termination_failure(shown, gh, gv, ckpt))
-            continue
-        # Otherwise any difference starts where the paths part: that choice is judged by the
-        # top-k rule (a near tie there is rounding noise), and whether two different paths end
-        # within the budget says nothing more.
-        agree += gh.finish_reason == gv.finish_reason
-        position = metrics.first_divergence(gh.token_ids, gv.token_ids)
-        if position is None:
-            equal += 1
-            continue
-        top_a, top_b = _divergence(runner, hf, vllm, gh, position, settings.top_k, deadline_s)
-        verdict = metrics.greedy_verdict(gh.token_ids, gv.token_ids, top_a, top_b)
-        if not verdict.ok:
-            report.failures.append(f"greedy outputs diverge at token {position} for {shown}: HF {verdict.token_a} "
-                                   f"vs vLLM {verdict.token_b}, not in each other's top {settings.top_k} "
-                                   f"(HF {gh.text!r}, vLLM {gv.text!r})")
-    report.metrics.update(greedy_equal=f"{equal}/{len(prompts)}", termination_agrees=f"{agree}/{len(prompts)}")
+    compare_greedy(runner, sides.noise, sides.candidate, prompts, report, names=("HF", "vLLM"),
+                   top_k=settings.top_k, deadline_s=deadline_s, ckpt=ckpt)
     return report
