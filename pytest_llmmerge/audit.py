@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, HeaderError, SafetensorsHeader, TensorInfo
+from .checkpoint import Checkpoint
+from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 from .integrity import Check, CheckSkipped, Context, Finding
 from .weights import CHUNK_ELEMENTS, TensorReader, locations, read_whole, shard_of
 

@@ -30,10 +30,9 @@ from .checkpoint import (
     TOKENIZER_MODEL_FILES,
     WEIGHTS_FILE,
     Checkpoint,
-    HeaderError,
-    SafetensorsHeader,
     shard_name_parts,
 )
+from .safetensors_header import HeaderError, SafetensorsHeader
 
 Severity = Literal["error", "warning"]
 

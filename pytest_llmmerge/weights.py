@@ -33,10 +33,8 @@ from .checkpoint import (
     EMBEDDING_SUFFIXES,
     LM_HEAD_SUFFIXES,
     Checkpoint,
-    HeaderError,
-    SafetensorsHeader,
-    TensorInfo,
 )
+from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 from .integrity import LORA_KEY, Check, CheckSkipped, Context, Finding
 
 if TYPE_CHECKING:

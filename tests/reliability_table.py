@@ -84,7 +84,7 @@ class Row:
 
 
 def safetensors_headers(rng: random.Random, row: Row) -> None:
-    from pytest_llmmerge.checkpoint import HeaderError, read_safetensors_header
+    from pytest_llmmerge.safetensors_header import HeaderError, read_safetensors_header
 
     def attempt(raw: bytes) -> Callable[[], None]:
         def run() -> None:

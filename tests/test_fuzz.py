@@ -29,9 +29,8 @@ from pytest_llmmerge.checkpoint import (
     TOKENIZER_JSON,
     WEIGHTS_INDEX,
     Checkpoint,
-    HeaderError,
-    read_safetensors_header,
 )
+from pytest_llmmerge.safetensors_header import HeaderError, read_safetensors_header
 from pytest_llmmerge.integrity import CHECKS, CODES, Context, run_check
 from pytest_llmmerge.suite import SuiteError, parse_suite
 
