@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, lora_factor
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 from .integrity import Check, CheckSkipped, Context, Finding
 from .weights import CHUNK_ELEMENTS, TensorReader, locations, read_whole, shard_of
@@ -35,11 +35,7 @@ from .weights import CHUNK_ELEMENTS, TensorReader, locations, read_whole, shard_
 if TYPE_CHECKING:
     import numpy as np
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.[^.]+)?\.weight$|^(?P<emb_module>.+)\.(?P<emb_kind>lora_embedding_[AB])(?:\.[^.]+)?$")
 LAYERS_KEY = "audit.layers"
 
 
@@ -135,13 +131,12 @@ def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
     pairs: dict[str, dict[str, str]] = {}
     skipped: list[str] = []
     for key in header.tensors:
-        match = _LORA_KEY.match(key)
-        if match is None:
+        factor = lora_factor(key)
+        if factor is None:
             skipped.append(f"{adapter.name}: {key} (not a LoRA factor; e.g. modules_to_save replace the whole "
                            "tensor)")
             continue
-        module = match["module"] or match["emb_module"]
-        kind = match["kind"] or match["emb_kind"]
+        module, kind = factor
         pairs.setdefault(module, {})[kind] = key
     out: dict[str, Factors] = {}
     for module, kinds in sorted(pairs.items()):

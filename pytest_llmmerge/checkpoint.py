@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .model_config import CONFIG_KEYS_IGNORED, rope_parameters
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo, read_safetensors_header
 
 CONFIG = "config.json"
@@ -35,39 +37,16 @@ TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiec
 # checkpoints nest the language model, so whole names do not work).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-# config.json keys no forward pass reads, or that other checks own: a save may change, add or
-# drop them (transformers 4.x configs carried generation defaults and pretraining_tp; 5.x writes
-# dtype) without changing the model.  Rope keys are compared through their resolved values.
-CONFIG_KEYS_IGNORED = frozenset({
-    "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "architectures", "model_type",
-    "auto_map", "vocab_size", "tie_word_embeddings", "quantization_config", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "torchscript", "attn_implementation", "_attn_implementation",
-    "_attn_implementation_autoset", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-    "sep_token_id", "decoder_start_token_id", "pretraining_tp", "id2label", "label2id", "problem_type",
-    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "keys_to_ignore_at_inference",
-    "use_bfloat16", "tf_legacy_loss", "chunk_size_feed_forward", "is_decoder", "is_encoder_decoder",
-    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "pruned_heads",
-    "rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq", "partial_rotary_factor",
-    "attention_dropout", "hidden_dropout", "dropout", "embd_pdrop", "resid_pdrop", "attn_pdrop",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
-    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-})
-# Keys whose value decides shapes or the arithmetic of a forward pass: a different value on both
-# sides is an error.  Other differing keys are shown as warnings.
-CONFIG_KEYS_COMPUTED = frozenset({
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-    "head_dim", "tie_word_embeddings", "rope", "hidden_act", "hidden_activation", "activation_function",
-    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "sliding_window", "layer_types",
-    "use_sliding_window", "max_window_layers", "sliding_window_pattern", "attention_bias", "mlp_bias",
-    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "num_experts",
-    "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-    "norm_topk_prob", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "rotary_pct", "rotary_emb_base",
-    "use_parallel_residual", "scale_embedding", "embedding_multiplier", "logits_scaling", "residual_multiplier",
-    "attention_multiplier", "qk_layernorm", "position_embedding_type",
-})
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Tensor-name parts only peft writes: the LoRA factors, DoRA's magnitude, and the wrappers it puts
+# around what it adapts.  In a merged checkpoint any of them means an adapter was saved, not merged.
+_LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
+                       r"modules_to_save|original_module)(\.|$)")
+# A LoRA factor in an adapter file, `<module>.lora_A[.<adapter name>].weight`; peft stores
+# embedding factors as bare parameters, without `.weight`.
+_LORA_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                          r"(?:\.[^.]+)?\.weight$|^(?P<emb_module>.+)\.(?P<emb_kind>lora_embedding_[AB])(?:\.[^.]+)?$")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
@@ -89,6 +68,31 @@ class JsonFile:
     @property
     def ok(self) -> bool:
         return self.exists and self.error is None
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a tensor name is an adapter's: an unmerged LoRA factor or a peft wrapper."""
+    return _LORA_KEY.search(name) is not None
+
+
+def lora_factor(name: str) -> tuple[str, str] | None:
+    """(module, kind) of a LoRA factor in an adapter file (kind: lora_A, lora_B,
+    lora_embedding_A, lora_embedding_B); None for any other tensor."""
+    match = _LORA_FACTOR.match(name)
+    if match is None:
+        return None
+    return match["module"] or match["emb_module"], match["kind"] or match["emb_kind"]
+
+
+def embedding_name(names: Iterable[str]) -> str | None:
+    """The input embedding among tensor names, matched by suffix; the first by name, so that the
+    pick does not depend on the order files list them."""
+    return next((n for n in sorted(names) if n.endswith(EMBEDDING_SUFFIXES)), None)
+
+
+def lm_head_name(names: Iterable[str]) -> str | None:
+    """The output layer among tensor names, as :func:`embedding_name` picks the embedding."""
+    return next((n for n in sorted(names) if n.endswith(LM_HEAD_SUFFIXES)), None)
 
 
 def shard_name_parts(name: str) -> tuple[str, int, int] | None:
@@ -173,7 +177,13 @@ class Checkpoint:
         build the generation config from the model config)."""
         if self.json(GENERATION_CONFIG).exists:
             return self.generation_eos_ids()
-        return _id_set(self.config.get("eos_token_id", self.text_config.get("eos_token_id")))
+        return _id_set(self.config_value("eos_token_id"))
+
+    def config_value(self, key: str) -> Any:
+        """config.json's `key`, else its text_config's: a multimodal config may keep the language
+        model's value only there (transformers falls back the same way when the top one is null)."""
+        value = self.config.get(key)
+        return self.text_config.get(key) if value is None else value
 
     def architecture(self) -> tuple[dict[str, Any], frozenset[str]]:
         """(values, derived): the config values of the language model as transformers resolves
@@ -193,7 +203,7 @@ class Checkpoint:
             values["num_key_value_heads"] = heads  # every model class's default: exact, not a guess
         tie = config.get("tie_word_embeddings", self.config.get("tie_word_embeddings"))
         values["tie_word_embeddings"] = tie if isinstance(tie, bool) else None
-        rope = _rope_parameters(config)
+        rope = rope_parameters(config)
         if rope is not None:
             values["rope"] = rope
         return values, frozenset(derived)
@@ -390,10 +400,9 @@ class Checkpoint:
 
     def embedding_rows(self) -> int | None:
         """Rows of the input embedding matrix, from the headers."""
-        for name, info in self.tensor_shapes().items():
-            if name.endswith(EMBEDDING_SUFFIXES) and info.shape:
-                return info.shape[0]
-        return None
+        shapes = self.tensor_shapes()
+        name = embedding_name(n for n, info in shapes.items() if info.shape)
+        return shapes[name].shape[0] if name is not None else None
 
 
 def _id_set(value: Any) -> set[int] | None:
@@ -406,36 +415,6 @@ def _id_set(value: Any) -> set[int] | None:
 
 def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _rope_parameters(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
-    """Rotary-embedding parameters per attention layer type ("" when one set serves all), from
-    wherever the writing version put them: v4's top-level rope_theta, rope_scaling and (Gemma)
-    rope_local_base_freq for sliding layers; v5's rope_parameters, flat or one dict per layer
-    type.  Identical sets collapse into "".  None when no rope setting is stated."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        layers = {str(k): dict(v) for k, v in params.items()}
-    else:
-        flat = dict(params) if isinstance(params, dict) else {}
-        local = config.get("rope_local_base_freq")
-        layers = {"full_attention": flat, "sliding_attention": {**flat, "rope_theta": local}} \
-            if local is not None else {"": flat}
-    legacy = config.get("rope_scaling")
-    for values in layers.values():
-        for key, value in (legacy.items() if isinstance(legacy, dict) else ()):
-            values.setdefault(key, value)
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if key in config:
-                values.setdefault(key, config[key])
-        if "type" in values:  # v4's older spelling
-            values.setdefault("rope_type", values.pop("type"))
-    if not any(values for values in layers.values()):
-        return None
-    for values in layers.values():
-        values.setdefault("rope_type", "default")
-    first = next(iter(layers.values()))
-    return {"": first} if all(values == first for values in layers.values()) else layers
 
 
 def _token_content(value: Any) -> str:

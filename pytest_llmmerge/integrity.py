@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from . import chat_template
 from .checkpoint import (
+    ADAPTER_CONFIG,
     CHAT_TEMPLATE_JSON,
     SPECIAL_TOKEN_KEYS,
     CONFIG,
-    CONFIG_KEYS_COMPUTED,
     EMBEDDING_SUFFIXES,
     GENERATION_CONFIG,
     LM_HEAD_SUFFIXES,
@@ -30,8 +30,10 @@ from .checkpoint import (
     TOKENIZER_MODEL_FILES,
     WEIGHTS_FILE,
     Checkpoint,
+    is_lora_key,
     shard_name_parts,
 )
+from .model_config import CONFIG_KEYS_COMPUTED
 from .safetensors_header import HeaderError, SafetensorsHeader
 
 Severity = Literal["error", "warning"]
@@ -142,8 +144,6 @@ CODES: dict[str, tuple[str, str]] = {
 }
 
 RECOMPUTED_BUFFER = re.compile(r"(rotary_emb\.(inv_freq|cos_cached|sin_cached)|\.attn\.(bias|masked_bias))$")
-LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
-                       r"modules_to_save|original_module)(\.|$)")
 # Special-token roles that change generation: bos is put into every prompt, eos is where it
 # stops.  The others (pad, unk, sep, ...) are changed by ordinary SFT recipes.
 _GENERATION_ROLES = ("bos_token", "eos_token")
@@ -222,9 +222,7 @@ def _ids(ckpt: Checkpoint, ids: Iterable[int]) -> str:
 # --- config ----------------------------------------------------------------------------------
 
 def _vocab_size(ckpt: Checkpoint) -> int | None:
-    value = ckpt.config.get("vocab_size")
-    if value is None and isinstance(ckpt.config.get("text_config"), dict):
-        value = ckpt.config["text_config"].get("vocab_size")
+    value = ckpt.config_value("vocab_size")
     return value if isinstance(value, int) else None
 
 
@@ -636,7 +634,7 @@ def check_weights_vs_base(ctx: Context) -> list[Finding]:
     names, base_names = _loaded_names(model, tied), _loaded_names(base, tied)
     missing, extra = sorted(base_names - names), sorted(names - base_names)
     # Adapter tensors saved instead of merged rename the base weights: WGT010 says so, in words.
-    if (missing or extra) and not any(LORA_KEY.search(n) for n in model.tensor_names()):
+    if (missing or extra) and not any(is_lora_key(n) for n in model.tensor_names()):
         findings.append(Finding("WGT007", "error", f"tensor names differ from the base: {len(missing)} missing "
                                 f"{missing[:4]}, {len(extra)} extra {extra[:4]}", _weights_file(model)))
     shapes, base_shapes = model.tensor_shapes(), base.tensor_shapes()
@@ -688,13 +686,13 @@ def _weights_file(ckpt: Checkpoint) -> str:
 def check_lora_leftovers(ctx: Context) -> list[Finding]:
     model = ctx.model
     findings = []
-    if model.has("adapter_config.json"):
-        findings.append(Finding("WGT012", "error", "adapter_config.json in a merged checkpoint: transformers "
+    if model.has(ADAPTER_CONFIG):
+        findings.append(Finding("WGT012", "error", f"{ADAPTER_CONFIG} in a merged checkpoint: transformers "
                                 "loads the directory as an adapter on the base it names. Fix: remove it",
-                                "adapter_config.json"))
+                                ADAPTER_CONFIG))
     if _weights_unreadable(model):
         return findings
-    leftovers = sorted(n for n in model.tensor_names() if LORA_KEY.search(n))
+    leftovers = sorted(n for n in model.tensor_names() if is_lora_key(n))
     if leftovers:
         findings.append(Finding("WGT010", "error", f"{len(leftovers)} LoRA tensor(s) left in the weights, e.g. "
                                 f"{leftovers[:3]}: the adapter was saved, not merged", _weights_file(model)))

@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import (
     CONFIG,
-    EMBEDDING_SUFFIXES,
     LM_HEAD_SUFFIXES,
     Checkpoint,
+    embedding_name,
+    is_lora_key,
+    lm_head_name,
 )
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
-from .integrity import LORA_KEY, Check, CheckSkipped, Context, Finding
+from .integrity import Check, CheckSkipped, Context, Finding
 
 if TYPE_CHECKING:
     import numpy as np
@@ -276,8 +278,8 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
                reader: TensorReader) -> TieStats | None:
     import numpy as np
 
-    embedding = _embedding_name(located)
-    lm_head = _lm_head_name(located)
+    embedding = embedding_name(located)
+    lm_head = lm_head_name(located)
     if embedding is None or lm_head is None or located[embedding][2].shape != located[lm_head][2].shape:
         return None
     # Two readers over one checkpoint: one buffer each, so both chunks stay valid together.
@@ -298,15 +300,6 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
         other.close()
     relative = math.sqrt(diff_sumsq / emb_sumsq) if emb_sumsq else (0.0 if diff_sumsq == 0 else math.inf)
     return TieStats(embedding, lm_head, worst, relative)
-
-
-def _embedding_name(names: dict[str, Any] | set[str]) -> str | None:
-    # Suffixes, not full names: multimodal checkpoints nest the language model (language_model.*).
-    return next((n for n in sorted(names) if n.endswith(EMBEDDING_SUFFIXES)), None)
-
-
-def _lm_head_name(names: dict[str, Any] | set[str]) -> str | None:
-    return next((n for n in sorted(names) if n.endswith(LM_HEAD_SUFFIXES)), None)
 
 
 # --- the scan shared by the checks of one run -------------------------------------------------
@@ -353,7 +346,7 @@ def check_degenerate(ctx: Context) -> list[Finding]:
     result = shared_scan(ctx)
     flagged: list[str] = []
     for name, stats in sorted(result.tensors.items()):
-        if not stats.constant or LORA_KEY.search(name):  # leftover adapter tensors are WGT010's
+        if not stats.constant or is_lora_key(name):  # leftover adapter tensors are WGT010's
             continue
         if stats.base_constant is False or (ctx.base is None and len(stats.shape) >= 2):
             value = "all zero" if stats.lo == 0 else f"every value {stats.lo:g}"
@@ -366,25 +359,18 @@ def check_degenerate(ctx: Context) -> list[Finding]:
                     shard_of(ctx.model, flagged[0].split(" ")[0]))]
 
 
-def _tie_flag(config: dict[str, Any]) -> bool | None:
-    value = config.get("tie_word_embeddings")
-    if value is None and isinstance(config.get("text_config"), dict):
-        value = config["text_config"].get("tie_word_embeddings")
-    return value if isinstance(value, bool) else None
-
-
 def check_tied_embeddings(ctx: Context) -> list[Finding]:
     if not ctx.model.json(CONFIG).ok:
         raise CheckSkipped("config.json is unreadable (see CFG001)")
-    tied = _tie_flag(ctx.model.config)
-    if tied is None:
+    tied = ctx.model.config_value("tie_word_embeddings")
+    if not isinstance(tied, bool):
         raise CheckSkipped("config.json does not set tie_word_embeddings; the model class decides")
     result = shared_scan(ctx)
     names = set(ctx.model.tensor_names())
-    embedding = _embedding_name(names)
+    embedding = embedding_name(names)
     if embedding is None:
         raise CheckSkipped("no input embedding tensor found by name")
-    lm_head = _lm_head_name(names)
+    lm_head = lm_head_name(names)
     if not tied and lm_head is None:
         return [Finding("WGT016", "error", f"tie_word_embeddings is false but there is no lm_head tensor "
                         f"(*{' or *'.join(LM_HEAD_SUFFIXES)}): loaders initialise the output layer at random. "
