@@ -90,8 +90,8 @@ class ParityReport:
 
     def add_drift(self, chain: Any, stage: int) -> None:
         """Name the tensors that lost most of adapter k's update (the merge-precision audit)."""
-        from .audit import AuditError, audit
         from .checkpoint import Checkpoint
+        from .merge_audit import AuditError, audit
 
         try:
             result = audit(Checkpoint(chain.stage(stage)), Checkpoint(chain.stage(stage - 1)),

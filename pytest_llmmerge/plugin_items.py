@@ -51,17 +51,9 @@ class IntegrityChecks(pytest.Collector):
 
 
 def _checks(group: str) -> tuple[Any, ...]:
-    if group == "integrity":
-        from .integrity import CHECKS
+    from .checks import checks_of
 
-        return CHECKS
-    if group == "weights":
-        from .weights import WEIGHT_CHECKS
-
-        return WEIGHT_CHECKS
-    from .audit import AUDIT_CHECKS
-
-    return AUDIT_CHECKS
+    return checks_of(group)
 
 
 class IntegrityItem(pytest.Item):
@@ -76,7 +68,7 @@ class IntegrityItem(pytest.Item):
         self.add_marker(f"llmmerge_{check.group}")
 
     def runtest(self) -> None:
-        from .integrity import IntegrityWarning, run_check
+        from .checks.base import IntegrityWarning, run_check
 
         settings = self.config.stash[SETTINGS_KEY]
         context = integrity_context(self.config, settings)
@@ -113,17 +105,7 @@ class IntegrityItem(pytest.Item):
 
 def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:
     """Tables a check computed, as user properties (they reach JUnit XML and the report)."""
-    if check.group == "weights" and check.name == "change_vs_base":
-        from .weights import SCAN_KEY, change_table
-
-        if SCAN_KEY in context.memo:
-            return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo[SCAN_KEY])]
-    if check.group == "audit":
-        from .audit import LAYERS_KEY
-
-        return [(f"merge_audit_error:{tensor}", layer["error"])
-                for tensor, layer in context.memo.get(LAYERS_KEY, {}).items()]
-    return []
+    return check.figures(context) if check.figures is not None else []
 
 
 def _case_items(parent: pytest.Collector, suite: Suite) -> Iterator[CaseItem]:

@@ -42,7 +42,7 @@ def integrity_context(config: pytest.Config, settings: Settings) -> Any:
     context = config.stash.get(CONTEXT_KEY, None)
     if context is None:
         from .checkpoint import Checkpoint
-        from .integrity import Context
+        from .checks.base import Context
 
         from .variants import MERGED
 
