@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from pytest_llmmerge.checkpoint import Checkpoint
-from pytest_llmmerge.integrity import Context, run_all
+from pytest_llmmerge.checks import run_all
+from pytest_llmmerge.checks.base import Context
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 8192, 80, 64, 8, 28672, 32000
 SHARDS = 30

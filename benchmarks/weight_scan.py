@@ -4,7 +4,7 @@ A synthetic checkpoint (model + base, each two shards holding one 512 MiB float3
 some small ones) is written to a temporary directory once.  Each side runs in a fresh Python
 process, so its peak resident set size (ru_maxrss) is its own:
 
-- ours: `pytest_llmmerge.weights.scan(model, base)`, the data behind weights::finite,
+- ours: `pytest_llmmerge.tensor_scan.scan(model, base)`, the data behind weights::finite,
   constant_tensors, tied_embeddings and change_vs_base;
 - baseline: `safetensors.numpy.load_file` of each model shard and its base shard (what a
   script that checks tensors for NaN and compares them with the base usually does), with the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 OURS = """
 from pytest_llmmerge.checkpoint import Checkpoint
-from pytest_llmmerge.weights import scan
+from pytest_llmmerge.tensor_scan import scan
 result = scan(Checkpoint(MODEL), Checkpoint(BASE))
 assert result.tensors["big.0"].relative_change is not None
 """
@@ -53,7 +53,7 @@ HARNESS = """
 import sys, time
 from pathlib import Path
 MODEL, BASE = Path(sys.argv[1]), Path(sys.argv[2])
-import numpy, safetensors.numpy, pytest_llmmerge.weights  # imports are not the work measured
+import numpy, safetensors.numpy, pytest_llmmerge.tensor_scan  # imports are not the work measured
 def status(key):
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(key))
@@ -103,7 +103,7 @@ def main() -> None:
         write_checkpoint(root / "base", args.tensor_mib, 0.5)
         print(f"{'side':<36} {'peak RSS over start':>20} {'seconds':>8}")
         results = {}
-        for label, body in (("ours: weights.scan (chunked)", OURS),
+        for label, body in (("ours: tensor_scan.scan (chunked)", OURS),
                             ("baseline: safetensors load_file", BASELINE)):
             results[label] = run(body, root / "model", root / "base")
             print(f"{label:<36} {results[label]['peak_mib']:>16.1f} MiB {results[label]['seconds']:>8.2f}")

@@ -9,13 +9,15 @@ the integrity checks can turn one broken file into one finding and still check t
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from .model_config import CONFIG_KEYS_IGNORED, rope_parameters
+from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo, read_safetensors_header
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -31,54 +33,20 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
-# Bits per element of every dtype the safetensors format defines (integers: a header's shape
-# may multiply to more than a float holds).
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}
-# A real header is a few MB at most; a larger length prefix means the file is not safetensors.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Name endings of the input embedding and the output layer across architectures (multimodal
 # checkpoints nest the language model, so whole names do not work).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-# config.json keys no forward pass reads, or that other checks own: a save may change, add or
-# drop them (transformers 4.x configs carried generation defaults and pretraining_tp; 5.x writes
-# dtype) without changing the model.  Rope keys are compared through their resolved values.
-CONFIG_KEYS_IGNORED = frozenset({
-    "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "architectures", "model_type",
-    "auto_map", "vocab_size", "tie_word_embeddings", "quantization_config", "use_cache", "output_attentions",
-    "output_hidden_states", "return_dict", "torchscript", "attn_implementation", "_attn_implementation",
-    "_attn_implementation_autoset", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
-    "sep_token_id", "decoder_start_token_id", "pretraining_tp", "id2label", "label2id", "problem_type",
-    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "keys_to_ignore_at_inference",
-    "use_bfloat16", "tf_legacy_loss", "chunk_size_feed_forward", "is_decoder", "is_encoder_decoder",
-    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "pruned_heads",
-    "rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq", "partial_rotary_factor",
-    "attention_dropout", "hidden_dropout", "dropout", "embd_pdrop", "resid_pdrop", "attn_pdrop",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
-    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-})
-# Keys whose value decides shapes or the arithmetic of a forward pass: a different value on both
-# sides is an error.  Other differing keys are shown as warnings.
-CONFIG_KEYS_COMPUTED = frozenset({
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-    "head_dim", "tie_word_embeddings", "rope", "hidden_act", "hidden_activation", "activation_function",
-    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "sliding_window", "layer_types",
-    "use_sliding_window", "max_window_layers", "sliding_window_pattern", "attention_bias", "mlp_bias",
-    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "num_experts",
-    "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-    "norm_topk_prob", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "rotary_pct", "rotary_emb_base",
-    "use_parallel_residual", "scale_embedding", "embedding_multiplier", "logits_scaling", "residual_multiplier",
-    "attention_multiplier", "qk_layernorm", "position_embedding_type",
-})
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Tensor-name parts only peft writes: the LoRA factors, DoRA's magnitude, and the wrappers it puts
+# around what it adapts.  In a merged checkpoint any of them means an adapter was saved, not merged.
+_LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
+                       r"modules_to_save|original_module)(\.|$)")
+# A LoRA factor in an adapter file, `<module>.lora_A[.<adapter name>].weight`; peft stores
+# embedding factors as bare parameters, without `.weight`.
+_LORA_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                          r"(?:\.[^.]+)?\.weight$|^(?P<emb_module>.+)\.(?P<emb_kind>lora_embedding_[AB])(?:\.[^.]+)?$")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
@@ -86,117 +54,6 @@ _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\
 
 # safetensors dtype codes of the float dtypes models are computed in, with torch's names.
 FLOAT_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-class HeaderError(ValueError):
-    """A safetensors file whose header cannot be trusted."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-@dataclass(frozen=True)
-class SafetensorsHeader:
-    """The parsed header of one safetensors file; `data_bytes` is what the file really holds."""
-
-    path: Path
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-    header_bytes: int
-    data_bytes: int
-
-    @property
-    def data_start(self) -> int:
-        return 8 + self.header_bytes
-
-    def overruns(self) -> list[tuple[str, TensorInfo]]:
-        """Tensors whose data would lie past the end of the file (a truncated file)."""
-        return [(n, t) for n, t in self.tensors.items() if t.end > self.data_bytes]
-
-    def layout_problem(self) -> str | None:
-        """Why the safetensors library would refuse this layout, None when it would accept it.
-
-        The library requires the tensors, in offset order, to tile the data exactly: the first
-        starts at 0, each starts where the previous ends, the last ends at the end of the file.
-        Data past the end of the file is :meth:`overruns` (a truncation) and is not repeated here.
-        """
-        end = 0
-        for name, info in sorted(self.tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
-            if info.begin < end:
-                return f"tensor {name!r} (bytes {info.begin}-{info.end}) overlaps the tensor before it (ends at {end})"
-            if info.begin > end:
-                return f"bytes {end}-{info.begin} before tensor {name!r} belong to no tensor"
-            end = info.end
-        if end < self.data_bytes:
-            return f"{self.data_bytes - end} byte(s) after the last tensor (data ends at {end}) belong to no tensor"
-        return None
-
-
-def read_safetensors_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate a safetensors header; raises HeaderError saying what is wrong."""
-    size = path.stat().st_size
-    # Unbuffered, exact reads: a buffered reader would pull tensor bytes in after the header.
-    with path.open("rb", buffering=0) as fh:
-        prefix = _read_exactly(fh, 8)
-        if len(prefix) < 8:
-            raise HeaderError(f"file is {size} bytes, shorter than the 8-byte header length")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES or length > size - 8:
-            raise HeaderError(f"header length field says {length} bytes but the file has {size - 8} after it")
-        raw = _read_exactly(fh, length)
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise HeaderError("header JSON is nested deeper than a parser allows") from None
-    except ValueError as exc:  # also UnicodeDecodeError, and integers past Python's digit limit
-        raise HeaderError(f"header is not valid JSON ({exc})") from None
-    if not isinstance(parsed, dict):
-        raise HeaderError("header JSON is not an object")
-    metadata_raw = parsed.pop("__metadata__", {}) or {}
-    metadata = {str(k): str(v) for k, v in metadata_raw.items()} if isinstance(metadata_raw, dict) else {}
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in parsed.items():
-        tensors[name] = _tensor_info(name, entry)
-    return SafetensorsHeader(path, tensors, metadata, length, size - 8 - length)
-
-
-def _read_exactly(fh: BinaryIO, count: int) -> bytes:
-    chunks, left = [], count
-    while left > 0:
-        chunk = fh.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _tensor_info(name: str, entry: Any) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise HeaderError(f"entry for tensor {name!r} is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
-        raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HeaderError(f"tensor {name!r} has invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    expected = -(-math.prod(shape) * DTYPE_BITS[dtype] // 8)
-    if offsets[1] - offsets[0] != expected:
-        raise HeaderError(
-            f"tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets span "
-            f"{offsets[1] - offsets[0]}")
-    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 
 @dataclass(frozen=True)
@@ -211,6 +68,31 @@ class JsonFile:
     @property
     def ok(self) -> bool:
         return self.exists and self.error is None
+
+
+def is_lora_key(name: str) -> bool:
+    """Whether a tensor name is an adapter's: an unmerged LoRA factor or a peft wrapper."""
+    return _LORA_KEY.search(name) is not None
+
+
+def lora_factor(name: str) -> tuple[str, str] | None:
+    """(module, kind) of a LoRA factor in an adapter file (kind: lora_A, lora_B,
+    lora_embedding_A, lora_embedding_B); None for any other tensor."""
+    match = _LORA_FACTOR.match(name)
+    if match is None:
+        return None
+    return match["module"] or match["emb_module"], match["kind"] or match["emb_kind"]
+
+
+def embedding_name(names: Iterable[str]) -> str | None:
+    """The input embedding among tensor names, matched by suffix; the first by name, so that the
+    pick does not depend on the order files list them."""
+    return next((n for n in sorted(names) if n.endswith(EMBEDDING_SUFFIXES)), None)
+
+
+def lm_head_name(names: Iterable[str]) -> str | None:
+    """The output layer among tensor names, as :func:`embedding_name` picks the embedding."""
+    return next((n for n in sorted(names) if n.endswith(LM_HEAD_SUFFIXES)), None)
 
 
 def shard_name_parts(name: str) -> tuple[str, int, int] | None:
@@ -295,7 +177,13 @@ class Checkpoint:
         build the generation config from the model config)."""
         if self.json(GENERATION_CONFIG).exists:
             return self.generation_eos_ids()
-        return _id_set(self.config.get("eos_token_id", self.text_config.get("eos_token_id")))
+        return _id_set(self.config_value("eos_token_id"))
+
+    def config_value(self, key: str) -> Any:
+        """config.json's `key`, else its text_config's: a multimodal config may keep the language
+        model's value only there (transformers falls back the same way when the top one is null)."""
+        value = self.config.get(key)
+        return self.text_config.get(key) if value is None else value
 
     def architecture(self) -> tuple[dict[str, Any], frozenset[str]]:
         """(values, derived): the config values of the language model as transformers resolves
@@ -315,7 +203,7 @@ class Checkpoint:
             values["num_key_value_heads"] = heads  # every model class's default: exact, not a guess
         tie = config.get("tie_word_embeddings", self.config.get("tie_word_embeddings"))
         values["tie_word_embeddings"] = tie if isinstance(tie, bool) else None
-        rope = _rope_parameters(config)
+        rope = rope_parameters(config)
         if rope is not None:
             values["rope"] = rope
         return values, frozenset(derived)
@@ -512,10 +400,9 @@ class Checkpoint:
 
     def embedding_rows(self) -> int | None:
         """Rows of the input embedding matrix, from the headers."""
-        for name, info in self.tensor_shapes().items():
-            if name.endswith(EMBEDDING_SUFFIXES) and info.shape:
-                return info.shape[0]
-        return None
+        shapes = self.tensor_shapes()
+        name = embedding_name(n for n, info in shapes.items() if info.shape)
+        return shapes[name].shape[0] if name is not None else None
 
 
 def _id_set(value: Any) -> set[int] | None:
@@ -528,36 +415,6 @@ def _id_set(value: Any) -> set[int] | None:
 
 def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _rope_parameters(config: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
-    """Rotary-embedding parameters per attention layer type ("" when one set serves all), from
-    wherever the writing version put them: v4's top-level rope_theta, rope_scaling and (Gemma)
-    rope_local_base_freq for sliding layers; v5's rope_parameters, flat or one dict per layer
-    type.  Identical sets collapse into "".  None when no rope setting is stated."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        layers = {str(k): dict(v) for k, v in params.items()}
-    else:
-        flat = dict(params) if isinstance(params, dict) else {}
-        local = config.get("rope_local_base_freq")
-        layers = {"full_attention": flat, "sliding_attention": {**flat, "rope_theta": local}} \
-            if local is not None else {"": flat}
-    legacy = config.get("rope_scaling")
-    for values in layers.values():
-        for key, value in (legacy.items() if isinstance(legacy, dict) else ()):
-            values.setdefault(key, value)
-        for key in ("rope_theta", "partial_rotary_factor"):
-            if key in config:
-                values.setdefault(key, config[key])
-        if "type" in values:  # v4's older spelling
-            values.setdefault("rope_type", values.pop("type"))
-    if not any(values for values in layers.values()):
-        return None
-    for values in layers.values():
-        values.setdefault("rope_type", "default")
-    first = next(iter(layers.values()))
-    return {"": first} if all(values == first for values in layers.values()) else layers
 
 
 def _token_content(value: Any) -> str:

@@ -5,12 +5,9 @@
 
 from __future__ import annotations
 
-from .audit import AUDIT_CHECKS
-from .integrity import CHECKS, CODES
+from .checks import ALL_CHECKS
+from .checks.codes import CODES
 from .settings import OPTIONS
-from .weights import WEIGHT_CHECKS
-
-ALL_CHECKS = (*CHECKS, *WEIGHT_CHECKS, *AUDIT_CHECKS)
 
 
 def _cell(text: str) -> str:

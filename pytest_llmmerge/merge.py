@@ -42,6 +42,7 @@ from .checkpoint import (
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     Checkpoint,
+    is_lora_key,
 )
 
 # Bump when the output for the same inputs would change (a fix in how we merge or write):
@@ -59,7 +60,6 @@ _TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 # that streams from disk takes, short enough that a hung holder ends a CI job with a reason.
 LOCK_TIMEOUT_S = 2 * 3600.0
 BUILD_MARK = ".llmmerge-build"  # inside a temp dir while its build runs: "<host> <pid>"
-_LORA_KEY_MARKERS = ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector", "base_layer")
 
 Progress = Callable[[str], None]
 
@@ -392,7 +392,7 @@ def _check_output(base: Checkpoint, out: Checkpoint) -> None:
     names = out.tensor_names()
     if not names:
         raise RuntimeError("merged output holds no tensors")
-    leftovers = sorted(n for n in names if any(marker in n for marker in _LORA_KEY_MARKERS))
+    leftovers = sorted(n for n in names if is_lora_key(n))
     if leftovers:
         raise RuntimeError(f"merged output holds {len(leftovers)} LoRA keys, e.g. {leftovers[:3]}")
     if base.config.get("tie_word_embeddings", False):

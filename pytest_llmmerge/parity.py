@@ -88,24 +88,6 @@ class ParityReport:
     def lines(self) -> list[str]:
         return [f"- {f}" for f in self.failures] + self.details
 
-    def add_drift(self, chain: Any, stage: int) -> None:
-        """Name the tensors that lost most of adapter k's update (the merge-precision audit)."""
-        from .audit import AuditError, audit
-        from .checkpoint import Checkpoint
-
-        try:
-            result = audit(Checkpoint(chain.stage(stage)), Checkpoint(chain.stage(stage - 1)),
-                           (chain.adapters[stage - 1],))
-        except AuditError as exc:
-            self.details.append(f"no per-layer audit: {exc}")
-            return
-        worst = sorted(result.layers, key=lambda layer: -layer.error)[:5]
-        if worst:
-            self.metrics["worst_layers"] = [(layer.tensor, layer.error) for layer in worst]
-            self.details.append("layers that lost most of the fine-tuning delta "
-                                "(||W_merged - (W_before + dW_fp32)|| / ||dW||; the storage dtype alone loses "
-                                f"{worst[0].floor:.3g} of {worst[0].tensor}):")
-            self.details += [f"    {layer.tensor}: {layer.error:.3g}" for layer in worst]
 
 
 def _finite(report: ParityReport, **figures: float) -> bool:

@@ -84,7 +84,7 @@ class Row:
 
 
 def safetensors_headers(rng: random.Random, row: Row) -> None:
-    from pytest_llmmerge.checkpoint import HeaderError, read_safetensors_header
+    from pytest_llmmerge.safetensors_header import HeaderError, read_safetensors_header
 
     def attempt(raw: bytes) -> Callable[[], None]:
         def run() -> None:
@@ -111,7 +111,9 @@ def checkpoint_files(rng: random.Random, row: Row) -> None:
     from safetensors.numpy import save_file
 
     from pytest_llmmerge.checkpoint import Checkpoint
-    from pytest_llmmerge.integrity import CHECKS, CODES, Context, run_check
+    from pytest_llmmerge.checks import checks_of
+    from pytest_llmmerge.checks.base import Context, run_check
+    from pytest_llmmerge.checks.codes import CODES
 
     names = ["config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
              "model.safetensors.index.json"]
@@ -126,7 +128,7 @@ def checkpoint_files(rng: random.Random, row: Row) -> None:
                               str(directory / "model.safetensors"))
                 (model / name).write_text(text, encoding="utf-8")
                 ctx = Context(Checkpoint(model), Checkpoint(base))
-                for check in CHECKS:
+                for check in checks_of("integrity"):
                     for finding in run_check(check, ctx).findings:
                         assert finding.code in CODES
         return run

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import ADAPTERS, BASE, MERGED
-from pytest_llmmerge.audit import AUDIT_CHECKS, audit, rounding_slack, round_to
 from pytest_llmmerge.checkpoint import Checkpoint
-from pytest_llmmerge.integrity import Context, Finding, run_check
+from pytest_llmmerge.checks import checks_of
+from pytest_llmmerge.checks.base import Context, Finding, run_check
 from pytest_llmmerge.merge import MergeSpec, cached_merge
+from pytest_llmmerge.merge_audit import audit, rounding_slack, round_to
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def merges(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run(model: Path, adapters: tuple[Path, ...] = ADAPTERS, **ctx: float) -> tuple[list[Finding], str | None]:
     context = Context(Checkpoint(model), Checkpoint(BASE), adapters=adapters, **ctx)  # type: ignore[arg-type]
-    outcome = run_check(AUDIT_CHECKS[0], context)
+    outcome = run_check(checks_of("audit")[0], context)
     return list(outcome.findings), outcome.skipped
 
 
@@ -93,9 +94,9 @@ def test_peft_merge_on_a_half_precision_base_passes_and_a_doubled_scale_fails(tm
         outputs[scale] = tmp_path / f"merged-x{scale}"
         model.merge_and_unload().save_pretrained(str(outputs[scale]))
     context = Context(Checkpoint(outputs[1]), Checkpoint(base), adapters=ADAPTERS[:1])
-    assert [f.code for f in run_check(AUDIT_CHECKS[0], context).errors] == []
+    assert [f.code for f in run_check(checks_of("audit")[0], context).errors] == []
     context = Context(Checkpoint(outputs[2]), Checkpoint(base), adapters=ADAPTERS[:1])
-    assert [f.code for f in run_check(AUDIT_CHECKS[0], context).errors] == ["MRG001"]
+    assert [f.code for f in run_check(checks_of("audit")[0], context).errors] == ["MRG001"]
 
 
 def test_base_saved_as_the_merge_lost_everything() -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from pytest_llmmerge.checkpoint import Checkpoint, HeaderError, read_safetensors_header, shard_name_parts
+from pytest_llmmerge.checkpoint import Checkpoint, shard_name_parts
+from pytest_llmmerge.safetensors_header import HeaderError, read_safetensors_header
 
 
 def raw_file(path: Path, header: Any, data: bytes = b"", length: int | None = None) -> Path:

@@ -29,10 +29,11 @@ from pytest_llmmerge.checkpoint import (
     TOKENIZER_JSON,
     WEIGHTS_INDEX,
     Checkpoint,
-    HeaderError,
-    read_safetensors_header,
 )
-from pytest_llmmerge.integrity import CHECKS, CODES, Context, run_check
+from pytest_llmmerge.checks import checks_of
+from pytest_llmmerge.checks.base import Context, run_check
+from pytest_llmmerge.checks.codes import CODES
+from pytest_llmmerge.safetensors_header import HeaderError, read_safetensors_header
 from pytest_llmmerge.suite import SuiteError, parse_suite
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -118,7 +119,7 @@ def test_any_checkpoint_files_give_findings_with_codes(files: dict[str, Any], ag
             if against_base:
                 (base / name).write_text(json.dumps({"eos_token_id": 1, "vocab_size": 4}), encoding="utf-8")
         ctx = Context(Checkpoint(model), Checkpoint(base) if against_base else None)
-        for check in CHECKS:
+        for check in checks_of("integrity"):
             outcome = run_check(check, ctx)
             for finding in outcome.findings:
                 assert finding.code in CODES and finding.file and finding.message

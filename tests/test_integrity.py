@@ -13,15 +13,15 @@ import pytest
 from breakage import BREAKAGES, HEALTHY_VARIATIONS, rotary_buffers_saved, tied_lm_head_saved
 from conftest import BASE, MERGED, TIED
 from pytest_llmmerge.checkpoint import Checkpoint
-from pytest_llmmerge.docs import ALL_CHECKS
-from pytest_llmmerge.integrity import CHECKS, CODES, CheckOutcome, Context, run_all, run_check
-from pytest_llmmerge.weights import WEIGHT_CHECKS
+from pytest_llmmerge.checks import ALL_CHECKS, checks_of, run_all
+from pytest_llmmerge.checks.base import CheckOutcome, Context, run_check
+from pytest_llmmerge.checks.codes import CODES
 
 
 def scan(model: Path, base: Path | None = BASE, **flags: bool) -> list[CheckOutcome]:
     """The header checks and the tensor-data checks, as a run without --llm-audit-merge has them."""
     ctx = Context(Checkpoint(model), Checkpoint(base) if base else None, **flags)
-    return run_all(ctx) + [run_check(check, ctx) for check in WEIGHT_CHECKS]
+    return run_all(ctx, ("integrity", "weights"))
 
 
 def error_codes(outcomes: list[CheckOutcome]) -> set[str]:
@@ -42,7 +42,7 @@ def test_healthy_base_passes_against_itself() -> None:
 def test_without_base_the_base_checks_are_skipped_not_passed() -> None:
     outcomes = scan(MERGED, base=None)
     skipped = {o.check.name for o in outcomes if o.skipped}
-    assert skipped == {c.name for c in (*CHECKS, *WEIGHT_CHECKS) if c.needs_base}
+    assert skipped == {c.name for c in (*checks_of("integrity"), *checks_of("weights")) if c.needs_base}
     assert all("--llm-base" in (o.skipped or "") for o in outcomes if o.check.needs_base)
 
 
@@ -187,7 +187,7 @@ def test_config_values_are_compared_as_transformers_resolves_them(
         if edit is not None:
             config = json.loads((directory / "config.json").read_text())
             (directory / "config.json").write_text(json.dumps(edit(config)))
-    outcome = run_check(next(c for c in CHECKS if c.name == "config_vs_base"), Context(Checkpoint(model),
+    outcome = run_check(next(c for c in checks_of("integrity") if c.name == "config_vs_base"), Context(Checkpoint(model),
                                                                                      Checkpoint(base)))
     assert {f.code for f in outcome.errors} == errors, outcome.findings
     if warnings is not None:

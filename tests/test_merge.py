@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from conftest import ADAPTERS, BASE, FIXTURES, MERGED, REPO
-from pytest_llmmerge.checkpoint import Checkpoint, read_safetensors_header
+from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.merge import MergeSpec, build_chain, build_merged, cached_merge
+from pytest_llmmerge.safetensors_header import read_safetensors_header
 
 torch = pytest.importorskip("torch")
 

@@ -12,12 +12,11 @@ import pytest
 
 from breakage import BREAKAGES
 from conftest import BASE, MERGED
-from pytest_llmmerge.integrity import CHECKS
+from pytest_llmmerge.checks import checks_of
 from pytest_llmmerge.settings import OPTIONS
-from pytest_llmmerge.weights import WEIGHT_CHECKS
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "safetensors")
-FILE_CHECKS = (*CHECKS, *WEIGHT_CHECKS)
+FILE_CHECKS = (*checks_of("integrity"), *checks_of("weights"))
 N_CHECKS = len(FILE_CHECKS)
 N_BASE_CHECKS = sum(c.needs_base for c in FILE_CHECKS)
 # Paths are passed as --opt=PATH: pytest picks its rootdir from path-like arguments, and the

@@ -17,9 +17,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import realmodel_support
-from pytest_llmmerge.audit import audit
 from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.merge import MergeSpec, cached_merge
+from pytest_llmmerge.merge_audit import audit
 from test_realmodel import copy_model, failed, run_plugin, section
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(1500)]

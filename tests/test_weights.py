@@ -12,16 +12,17 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import ADAPTERS, BASE, FIXTURES, MERGED
-from pytest_llmmerge import weights
+from pytest_llmmerge import tensor_scan
 from pytest_llmmerge.checkpoint import Checkpoint
-from pytest_llmmerge.integrity import Check, Context, Finding, run_check
-from pytest_llmmerge.weights import WEIGHT_CHECKS, change_table, scan
+from pytest_llmmerge.checks import checks_of
+from pytest_llmmerge.checks.base import Check, Context, Finding, run_check
+from pytest_llmmerge.tensor_scan import change_table, scan
 
 TIED = FIXTURES / "tied"
 
 
 def check(name: str) -> Check:
-    return next(c for c in WEIGHT_CHECKS if c.name == name)
+    return next(c for c in checks_of("weights") if c.name == name)
 
 
 def findings(model: Path, base: Path | None, name: str, **ctx: object) -> list[Finding]:
@@ -36,7 +37,7 @@ def codes(found: list[Finding]) -> set[str]:
 
 
 def test_healthy_tied_model_passes() -> None:
-    for c in WEIGHT_CHECKS:
+    for c in checks_of("weights"):
         if not c.needs_base:
             assert findings(TIED, None, c.name) == []
 
@@ -109,7 +110,7 @@ def test_chunked_statistics_match_whole_tensor_ones(tmp_path: Path, monkeypatch:
     base_values = rng.standard_normal((37, 53)).astype(np.float32)
     model = _write(tmp_path / "m", {"w": values, "h": values.astype(np.float16), "clean": base_values * 2})
     base = _write(tmp_path / "b", {"w": base_values, "h": base_values.astype(np.float16), "clean": base_values})
-    monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(tensor_scan, "CHUNK_ELEMENTS", 100)
     result = scan(Checkpoint(model), Checkpoint(base))
     for name in ("w", "h"):
         stats = result.tensors[name]

@@ -30,10 +30,10 @@ class CheckGroup(pytest.Collector):
         self.run = run
 
     def collect(self) -> list[pytest.Item]:
-        from ..docs import ALL_CHECKS  # TEMP until the checks registry lands
+        from ..checks import checks_of
 
         return [CheckItem.from_parent(self, name=check.name, check=check, run=self.run)
-                for check in ALL_CHECKS if check.group == self.group]
+                for check in checks_of(self.group)]
 
 
 class CheckItem(pytest.Item):
@@ -48,14 +48,15 @@ class CheckItem(pytest.Item):
         self.add_marker(f"llmmerge_{check.group}")
 
     def runtest(self) -> None:
-        from ..integrity import IntegrityWarning, run_check
+        from ..checks.base import IntegrityWarning, run_check
 
         context = self.run.check_context()
         outcome = run_check(self.check, context)
         self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
         if outcome.findings:
             self.user_properties.append((FINDINGS, [dataclasses.asdict(f) for f in outcome.findings]))
-        self.user_properties.extend(_check_figures(self.check, context))  # TEMP
+        if self.check.figures is not None:  # tables the check computed: JUnit XML and the reports
+            self.user_properties.extend(self.check.figures(context))
         if outcome.skipped is not None:
             pytest.skip(outcome.skipped)
         with warnings.catch_warnings():
@@ -83,16 +84,3 @@ class CheckItem(pytest.Item):
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, None, f"{self.check.group}::{self.check.name}"
 
-
-def _check_figures(check: Any, context: Any) -> list[tuple[str, Any]]:  # TEMP until checks carry figures
-    if check.group == "weights" and check.name == "change_vs_base":
-        from ..weights import SCAN_KEY, change_table
-
-        if SCAN_KEY in context.memo:
-            return [(f"weight_change:{r.group}", r.relative_change) for r in change_table(context.memo[SCAN_KEY])]
-    if check.group == "audit":
-        from ..audit import LAYERS_KEY
-
-        return [(f"merge_audit_error:{tensor}", layer["error"])
-                for tensor, layer in context.memo.get(LAYERS_KEY, {}).items()]
-    return []

@@ -129,8 +129,15 @@ class ParityItem(ComparisonItem):
             report = parity.compare_stage(runner, sides, parity.corpus_texts(corpora, settings.corpus),
                                           parity.greedy_prompts(), settings, deadline,
                                           blame=self._blame(chain, self.stage, dtype))
-            if not report.ok:
-                report.add_drift(chain, self.stage)
+            if not report.ok:  # which tensors lost the update: the merge-precision audit of this stage
+                from ..checkpoint import Checkpoint
+                from ..merge_audit import worst_layers
+
+                worst, lines = worst_layers(Checkpoint(chain.stage(self.stage)), Checkpoint(chain.stage(self.stage - 1)),
+                                            chain.adapters[self.stage - 1])
+                report.details += lines
+                if worst:
+                    report.metrics["worst_layers"] = worst
         else:
             report = parity.compare_reference(runner, sides if chain.n else None, ("reference", self.backend),
                                               parity.corpus_texts((), settings.corpus), settings, deadline,

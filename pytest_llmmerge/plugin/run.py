@@ -182,7 +182,7 @@ class LlmMergeRun:
         by the first check item: with --llm-build-merged, the candidate is built then."""
         if self._context is None:
             from ..checkpoint import Checkpoint
-            from ..integrity import Context
+            from ..checks.base import Context
             from ..variants import MERGED
 
             settings = self.settings

@@ -52,10 +52,9 @@ def field_zoo(tmp_path_factory: pytest.TempPathFactory) -> zoo.Zoo:
 def expected_items() -> list[str]:
     """Every integrity and weights item the installed plugin defines: a run that collects
     fewer (or none) must not pass."""
-    from pytest_llmmerge.integrity import CHECKS
-    from pytest_llmmerge.weights import WEIGHT_CHECKS
+    from pytest_llmmerge.checks import checks_of
 
-    return [f"{check.group}::{check.name}" for check in (*CHECKS, *WEIGHT_CHECKS)]
+    return [f"{check.group}::{check.name}" for check in (*checks_of("integrity"), *checks_of("weights"))]
 
 
 def user_environment() -> dict[str, str]:

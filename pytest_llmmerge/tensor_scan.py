@@ -1,19 +1,13 @@
-"""Checks of the tensor data itself, read shard by shard in fixed-size chunks.
+"""The tensor data itself, read shard by shard in fixed-size chunks: the figures behind the
+`weights::` checks (:mod:`.checks.tensors`), and the reader the merge audit uses.
 
-The header checks in :mod:`integrity` never read a tensor byte; these do.  Every float tensor
-of the model (and, where the base has the same tensor, the base's) is read in chunks of
-:data:`CHUNK_ELEMENTS` elements into reused buffers, so the memory held is a fixed overhead
-(a few chunk-sized arrays), not the largest tensor, whatever the checkpoint's size.  One scan
-gives the figures every weight check needs:
-
-- non-finite values (NaN/Inf) anywhere;
-- tensors that are constant (all zero, all one value) where the base's are not;
-- ``tie_word_embeddings`` against what the tensors say, in both directions of the field
-  failure: tied on paper but lm_head differs from the embedding after a merge (transformers
-  #45127), untied on paper but lm_head missing (loaders then initialise it at random);
-- per-layer relative change ||W - W_base|| / ||W_base||, a table for the report and an
-  optional threshold; a model identical to its base although adapters were merged is an error
-  (unsloth #1352).
+The header checks never read a tensor byte; this does.  Every float tensor of the model (and,
+where the base has the same tensor, the base's) is read in chunks of :data:`CHUNK_ELEMENTS`
+elements into reused buffers, so the memory held is a fixed overhead (a few chunk-sized
+arrays), not the largest tensor, whatever the checkpoint's size.  One :func:`scan` gives per
+tensor the NaN/Inf counts, the extremes (a constant tensor), the norm and, against the base,
+the norm of the difference (:func:`change_table` groups it per layer); and how far lm_head is
+from the input embedding (the tie flag's truth).
 
 numpy is imported lazily; torch is not needed.
 """
@@ -28,16 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import (
-    CONFIG,
-    EMBEDDING_SUFFIXES,
-    LM_HEAD_SUFFIXES,
-    Checkpoint,
-    HeaderError,
-    SafetensorsHeader,
-    TensorInfo,
-)
-from .integrity import LORA_KEY, Check, CheckSkipped, Context, Finding
+from .checkpoint import Checkpoint, embedding_name, lm_head_name
+from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,7 +32,6 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 1 << 20
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _LAYER = re.compile(r"^(?P<group>.*?\blayers?\.\d+)\.")
-SCAN_KEY = "weights.scan"
 
 
 @dataclass
@@ -121,11 +106,13 @@ class TensorReader:
         self.handles.clear()
 
     def chunks(self, shard: str, header: SafetensorsHeader, info: TensorInfo,
-               elements: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray[Any, Any]]:
-        """Flat float chunks of `elements` values (the last one shorter); each is only valid
-        until the next is taken, since they share this reader's buffer."""
+               elements: int | None = None) -> Iterator[np.ndarray[Any, Any]]:
+        """Flat float chunks of `elements` values (default CHUNK_ELEMENTS, the last one shorter);
+        each is only valid until the next is taken, since they share this reader's buffer."""
         import numpy as np
 
+        if elements is None:
+            elements = CHUNK_ELEMENTS  # looked up per call, not bound once as a default would be
         handle = self.handles.get(shard)
         if handle is None:
             # Unbuffered: a buffered reader would keep another copy of every chunk.
@@ -278,8 +265,8 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
                reader: TensorReader) -> TieStats | None:
     import numpy as np
 
-    embedding = _embedding_name(located)
-    lm_head = _lm_head_name(located)
+    embedding = embedding_name(located)
+    lm_head = lm_head_name(located)
     if embedding is None or lm_head is None or located[embedding][2].shape != located[lm_head][2].shape:
         return None
     # Two readers over one checkpoint: one buffer each, so both chunks stay valid together.
@@ -302,109 +289,6 @@ def _tie_stats(model: Checkpoint, located: dict[str, tuple[str, SafetensorsHeade
     return TieStats(embedding, lm_head, worst, relative)
 
 
-def _embedding_name(names: dict[str, Any] | set[str]) -> str | None:
-    # Suffixes, not full names: multimodal checkpoints nest the language model (language_model.*).
-    return next((n for n in sorted(names) if n.endswith(EMBEDDING_SUFFIXES)), None)
-
-
-def _lm_head_name(names: dict[str, Any] | set[str]) -> str | None:
-    return next((n for n in sorted(names) if n.endswith(LM_HEAD_SUFFIXES)), None)
-
-
-# --- the scan shared by the checks of one run -------------------------------------------------
-
-def shared_scan(ctx: Context) -> WeightScan:
-    """The scan of ctx.model against ctx.base, made once per Context."""
-    cached = ctx.memo.get(SCAN_KEY)
-    if cached is None:
-        if not ctx.model.loaded_weight_files():
-            raise CheckSkipped("no safetensors weights to read (see WGT001 / SAF001)")
-        cached = ctx.memo[SCAN_KEY] = scan(ctx.model, ctx.base, progress=ctx.progress)
-    assert isinstance(cached, WeightScan)
-    return cached
-
-
-def shard_of(ckpt: Checkpoint, tensor: str) -> str:
-    """The weight file the loader reads a tensor from, for Finding.file."""
-    where = ckpt.tensor_locations().get(tensor)
-    if where is not None:
-        return where[0]
-    return (ckpt.loaded_weight_files() or ["model.safetensors"])[0]
-
-
-def _listed(names: list[str], limit: int = 5) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-# --- checks -----------------------------------------------------------------------------------
-
-def check_finite(ctx: Context) -> list[Finding]:
-    result = shared_scan(ctx)
-    bad = sorted(((n, s) for n, s in result.tensors.items() if s.nan or s.inf),
-                 key=lambda item: -(item[1].nan + item[1].inf))
-    if not bad:
-        return []
-    described = [f"{n} ({s.nan} NaN, {s.inf} Inf of {s.numel})" for n, s in bad]
-    return [Finding("WGT013", "error", f"{len(bad)} tensor(s) hold non-finite values: {_listed(described)}. "
-                    "Outputs will be NaN; a merge in float16 overflowed, or the merge read garbage",
-                    shard_of(ctx.model, bad[0][0]))]
-
-
-def check_degenerate(ctx: Context) -> list[Finding]:
-    """Constant tensors where the base's vary; without a base, constant matrices (never trained so)."""
-    result = shared_scan(ctx)
-    flagged: list[str] = []
-    for name, stats in sorted(result.tensors.items()):
-        if not stats.constant or LORA_KEY.search(name):  # leftover adapter tensors are WGT010's
-            continue
-        if stats.base_constant is False or (ctx.base is None and len(stats.shape) >= 2):
-            value = "all zero" if stats.lo == 0 else f"every value {stats.lo:g}"
-            flagged.append(f"{name} {list(stats.shape)} is {value}")
-    if not flagged:
-        return []
-    against = "while the base's vary" if ctx.base is not None else "(a weight matrix is never constant after training)"
-    return [Finding("WGT014", "error", f"{len(flagged)} tensor(s) are constant {against}: {_listed(flagged)}. "
-                    "A save that wrote placeholder or meta tensors (peft #868) or zeroed weights",
-                    shard_of(ctx.model, flagged[0].split(" ")[0]))]
-
-
-def _tie_flag(config: dict[str, Any]) -> bool | None:
-    value = config.get("tie_word_embeddings")
-    if value is None and isinstance(config.get("text_config"), dict):
-        value = config["text_config"].get("tie_word_embeddings")
-    return value if isinstance(value, bool) else None
-
-
-def check_tied_embeddings(ctx: Context) -> list[Finding]:
-    if not ctx.model.json(CONFIG).ok:
-        raise CheckSkipped("config.json is unreadable (see CFG001)")
-    tied = _tie_flag(ctx.model.config)
-    if tied is None:
-        raise CheckSkipped("config.json does not set tie_word_embeddings; the model class decides")
-    result = shared_scan(ctx)
-    names = set(ctx.model.tensor_names())
-    embedding = _embedding_name(names)
-    if embedding is None:
-        raise CheckSkipped("no input embedding tensor found by name")
-    lm_head = _lm_head_name(names)
-    if not tied and lm_head is None:
-        return [Finding("WGT016", "error", f"tie_word_embeddings is false but there is no lm_head tensor "
-                        f"(*{' or *'.join(LM_HEAD_SUFFIXES)}): loaders initialise the output layer at random. "
-                        f"Fix: set tie_word_embeddings to true if the model was tied (the base's config "
-                        "says), or save lm_head.weight (unsloth PR #9331)", CONFIG)]
-    if tied and lm_head is not None:
-        tie = result.tie
-        if tie is None:
-            raise CheckSkipped(f"{embedding} and {lm_head} were not both readable")
-        if tie.max_abs_diff != 0:
-            return [Finding("WGT015", "error", f"tie_word_embeddings is true but {lm_head} differs from "
-                            f"{embedding} (max abs diff {tie.max_abs_diff:.3g}, relative {tie.relative_diff:.3g}): "
-                            "loaders tie the two and silently drop one of them, with the merged change in it "
-                            "(transformers #45127). Fix: set tie_word_embeddings to false and keep both, or "
-                            "merge so that they stay equal", CONFIG)]
-    return []
-
-
 def change_table(result: WeightScan) -> list[ChangeRow]:
     """Relative change against the base per layer (tensors outside layers stand alone), worst first."""
     groups: dict[str, list[TensorStats]] = {}
@@ -420,38 +304,3 @@ def change_table(result: WeightScan) -> list[ChangeRow]:
         change = math.sqrt(diff / base) if base else (0.0 if diff == 0 else math.inf)
         rows.append(ChangeRow(group, change, len(members)))
     return sorted(rows, key=lambda r: (-r.relative_change, r.group))
-
-
-def check_weight_change(ctx: Context) -> list[Finding]:
-    ctx.require_base()
-    result = shared_scan(ctx)
-    rows = change_table(result)
-    if not rows:
-        raise CheckSkipped("no tensor of the model matches the base's name and shape (see WGT007 / WGT008)")
-    findings = []
-    if ctx.adapters and all(r.relative_change == 0 for r in rows):
-        findings.append(Finding("WGT018", "error", f"every compared tensor ({sum(r.tensors for r in rows)}) is "
-                                f"bit-identical to the base although {len(ctx.adapters)} adapter(s) were merged: "
-                                "the save holds the base weights only (unsloth #1352)", shard_of(ctx.model, rows[0].group)))
-    limit = ctx.max_weight_change
-    if limit is not None:
-        over = [r for r in rows if r.relative_change > limit]
-        if over:
-            described = [f"{r.group} {r.relative_change:.3g}" for r in over]
-            findings.append(Finding("WGT017", "error", f"{len(over)} layer(s) changed more than "
-                                    f"--llm-max-weight-change={limit:g} relative to the base: {_listed(described)}",
-                                    shard_of(ctx.model, next(n for n in result.tensors if n.startswith(over[0].group)))))
-    return findings
-
-
-def describe_table(rows: list[ChangeRow], limit: int = 10) -> list[str]:
-    """Lines of the change table for a terminal or a failure message."""
-    return [f"{r.group:<40} {r.relative_change:10.3e}  ({r.tensors} tensors)" for r in rows[:limit]]
-
-
-WEIGHT_CHECKS: tuple[Check, ...] = (
-    Check("finite", ("WGT013",), False, check_finite, "weights"),
-    Check("constant_tensors", ("WGT014",), False, check_degenerate, "weights"),
-    Check("tied_embeddings", ("WGT015", "WGT016"), False, check_tied_embeddings, "weights"),
-    Check("change_vs_base", ("WGT017", "WGT018"), True, check_weight_change, "weights"),
-)

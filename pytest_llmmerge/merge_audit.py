@@ -13,7 +13,8 @@ adapters' own factors.  Per tensor the audit reports
   the base's value, the update rounded away entirely.
 
 Everything is computed in row blocks of at most CHUNK_ELEMENTS values, so memory is a few
-blocks plus the adapters' (small) factors, whatever the size of the model.
+blocks plus the adapters' (small) factors, whatever the size of the model.  The check that
+judges the figures is :mod:`.checks.audit`.
 """
 
 from __future__ import annotations
@@ -27,19 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, HeaderError, SafetensorsHeader, TensorInfo
-from .integrity import Check, CheckSkipped, Context, Finding
-from .weights import CHUNK_ELEMENTS, TensorReader, locations, read_whole, shard_of
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, lora_factor
+from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
+from .tensor_scan import CHUNK_ELEMENTS, TensorReader, locations, read_whole
 
 if TYPE_CHECKING:
     import numpy as np
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.[^.]+)?\.weight$|^(?P<emb_module>.+)\.(?P<emb_kind>lora_embedding_[AB])(?:\.[^.]+)?$")
-LAYERS_KEY = "audit.layers"
 
 
 def rounding_slack(adapters: int) -> float:
@@ -134,13 +130,12 @@ def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
     pairs: dict[str, dict[str, str]] = {}
     skipped: list[str] = []
     for key in header.tensors:
-        match = _LORA_KEY.match(key)
-        if match is None:
+        factor = lora_factor(key)
+        if factor is None:
             skipped.append(f"{adapter.name}: {key} (not a LoRA factor; e.g. modules_to_save replace the whole "
                            "tensor)")
             continue
-        module = match["module"] or match["emb_module"]
-        kind = match["kind"] or match["emb_kind"]
+        module, kind = factor
         pairs.setdefault(module, {})[kind] = key
     out: dict[str, Factors] = {}
     for module, kinds in sorted(pairs.items()):
@@ -274,55 +269,18 @@ def audit(candidate: Checkpoint, base: Checkpoint, adapters: Sequence[Path], *,
     return result
 
 
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.3g} %"
-
-
-def check_merge_precision(ctx: Context) -> list[Finding]:
-    base = ctx.require_base()
-    if not ctx.adapters:
-        raise CheckSkipped("needs the --llm-adapter(s) that were merged")
+def worst_layers(candidate: Checkpoint, before: Checkpoint, adapter: Path,
+                 count: int = 5) -> tuple[list[tuple[str, float]], list[str]]:
+    """The tensors of `candidate` that lost most of `adapter`'s update merged onto `before`:
+    (tensor, error) pairs and the lines that explain them to a person."""
     try:
-        result = audit(ctx.model, base, ctx.adapters, progress=ctx.progress)
+        result = audit(candidate, before, (adapter,))
     except AuditError as exc:
-        return [Finding("MRG002", "error", f"{exc}", ADAPTER_CONFIG)]
-    ctx.memo[LAYERS_KEY] = {layer.tensor: layer.as_dict() for layer in result.layers}
-    findings = []
-    if result.not_audited:
-        findings.append(Finding("MRG003", "warning", f"{len(result.not_audited)} part(s) not audited: "
-                                + "; ".join(result.not_audited[:5]), ADAPTER_CONFIG))
-    if not result.layers:
-        raise CheckSkipped("no tensor could be audited: " + "; ".join(result.not_audited[:3]))
-    worst = sorted(result.layers, key=lambda layer: -layer.error)
-    slack = rounding_slack(len(ctx.adapters))
-    over = [layer for layer in worst if layer.over(ctx.audit_max_error, slack)]
-    if over:
-        shown = "; ".join(f"{layer.tensor} lost {_pct(layer.error)} of its update ({_pct(layer.vanished)} of the "
-                          f"updated entries still hold the base's value; {_DTYPE_NAMES.get(layer.dtype, layer.dtype)} "
-                          f"storage alone loses {_pct(layer.floor)})" for layer in over[:5])
-        findings.append(Finding(
-            "MRG001", "error",
-            f"{len(over)} of {len(result.layers)} updated tensors lost more than --llm-audit-max-error="
-            f"{ctx.audit_max_error:g} of the adapters' float32 update, beyond the {slack:.2g} storage-dtype roundings "
-            f"a sound merge may cost (overall {_pct(result.overall_error())}). Worst: {shown}. Fix: the merge "
-            "rounded the update: merge in float32 (load the base in float32, merge_and_unload, then cast), "
-            "e.g. --llm-merge-dtype float32 for merges this plugin builds", shard_of(ctx.model, over[0].tensor)))
-    storage_bound = [layer for layer in worst if layer.floor > ctx.audit_max_error and layer not in over]
-    if storage_bound:
-        storage_bound.sort(key=lambda layer: -layer.floor)
-        dtype = _DTYPE_NAMES.get(storage_bound[0].dtype, storage_bound[0].dtype)
-        findings.append(Finding(
-            "MRG004", "warning",
-            f"{len(storage_bound)} of {len(result.layers)} updated tensors are stored in {dtype}, which cannot hold "
-            f"their update exactly: a perfect merge saved in {dtype} loses up to {_pct(storage_bound[0].floor)} of it "
-            f"({storage_bound[0].tensor}), and this merge loses no more than that. Not a merge error; save in float32 "
-            "or serve the adapter unmerged if parity shows the difference", shard_of(ctx.model, storage_bound[0].tensor)))
-    return findings
-
-
-AUDIT_CHECKS: tuple[Check, ...] = (
-    Check("merge_precision", ("MRG001", "MRG002", "MRG003", "MRG004"), True, check_merge_precision, "audit"),
-)
+        return [], [f"no per-layer audit: {exc}"]
+    worst = sorted(result.layers, key=lambda layer: -layer.error)[:count]
+    if not worst:
+        return [], []
+    lines = ["layers that lost most of the fine-tuning delta (||W_merged - (W_before + dW_fp32)|| / ||dW||; the "
+             f"storage dtype alone loses {worst[0].floor:.3g} of {worst[0].tensor}):"]
+    return [(layer.tensor, layer.error) for layer in worst], lines + [f"    {layer.tensor}: {layer.error:.3g}"
+                                                                      for layer in worst]
