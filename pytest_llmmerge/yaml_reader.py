@@ -36,7 +36,7 @@ def read_yaml(text: str) -> tuple[Any, yaml.Node | None]:
                              "a suite is refused before it is expanded")
         data = None if node is None else loader.construct_document(node)
     except RecursionError:
-        raise YamlRefused(f"<root>: invalid YAML: nested deeper than the parser allows") from None
+        raise YamlRefused("<root>: invalid YAML: nested deeper than the parser allows") from None
     except ValueError as exc:  # an integer past Python's digit limit, a date out of range, ...
         raise YamlRefused(f"<root>: invalid YAML: a value cannot be read ({exc})") from None
     except yaml.MarkedYAMLError as exc:

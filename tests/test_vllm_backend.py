@@ -240,7 +240,7 @@ def test_more_than_one_adapter_is_refused() -> None:
 
 
 def test_lora_rank_rounds_up_to_a_rank_vllm_accepts(tmp_path: Path) -> None:
-    from pytest_llmmerge.backends.vllm import lora_rank_limit
+    from pytest_llmmerge.backends.vllm_sizing import lora_rank_limit
 
     assert lora_rank_limit(LORA2) == 8
     for r, pattern, expected in ((12, {}, 16), (8, {"q_proj": 40}, 64), (300, {}, 320)):

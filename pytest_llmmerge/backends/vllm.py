@@ -23,7 +23,6 @@ process one after another.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import time
@@ -32,18 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import Checkpoint
 from .base import Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs
 from .base import BackendError, render_prompt
 from .hf import PROGRESS_INTERVAL_S
+from .vllm_sizing import kv_cache_bytes_for, lora_rank_limit
 
-# LoRA ranks vLLM 0.32 accepts for `max_lora_rank` (vllm.config.lora.MaxLoRARanks).
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Scoring with full-vocabulary logprobs (needed for exact `probe_ids`) costs one Python float per
 # vocabulary entry and position; above this many per engine call the probes are approximated.
 FULL_VOCAB_ENTRIES = 4_000_000
-# Smallest KV cache given to a CPU engine when none is asked for.
-MIN_CPU_KV_CACHE_BYTES = 64 << 20
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 # In-process engines share this process's torch.distributed state, and shutting any of them
 # down (explicitly or when it is garbage collected) tears that state down for all of them.  So
@@ -53,54 +49,6 @@ _PARKED: list[Any] = []
 # torch.set_num_threads as it was before the first in-process engine replaced it with a no-op;
 # put back when the last one shuts down.
 _SAVED_SET_NUM_THREADS: list[Any] = []
-
-
-def lora_rank_limit(adapter: str | os.PathLike[str]) -> int:
-    """The `max_lora_rank` vLLM needs for an adapter: its largest rank, rounded up to a value
-    vLLM accepts."""
-    path = Path(adapter) / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the LoRA adapter config {path}: {exc}") from exc
-    ranks = [int(config.get("r") or 8)] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
-    rank = max(ranks)
-    for allowed in LORA_RANKS:
-        if allowed >= rank:
-            return allowed
-    raise ValueError(f"LoRA adapter {adapter} has rank {rank}; vLLM supports at most {LORA_RANKS[-1]}")
-
-
-def _read_config(model_path: str) -> dict[str, Any]:
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict):
-        return {}
-    text = config.get("text_config")  # multimodal wrappers keep the language model's sizes here
-    return {**config, **text} if isinstance(text, dict) else config
-
-
-def checkpoint_dtype(config: dict[str, Any]) -> str:
-    """The dtype the checkpoint's config names, or "auto" when it names none."""
-    value = config.get("dtype") or config.get("torch_dtype")
-    return str(value).removeprefix("torch.") if isinstance(value, str) else "auto"
-
-
-def kv_cache_bytes_for(config: dict[str, Any], dtype: str, max_model_len: int | None) -> int:
-    """A KV cache holding two full-length sequences (at least 64 MiB); 1 GiB if the config lacks
-    the sizes.  vLLM's CPU default is a fraction of the machine's memory, far too much for a worker."""
-    try:
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-        length = int(max_model_len or config.get("max_position_embeddings") or 4096)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return 1 << 30
-    per_token = 2 * layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
-    return max(MIN_CPU_KV_CACHE_BYTES, 2 * per_token * length)
 
 
 @dataclass
@@ -163,10 +111,11 @@ class VLLMBackend:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        config = _read_config(model_path)
+        checkpoint = Checkpoint(Path(model_path))
+        config = {**checkpoint.config, **checkpoint.text_config}  # a multimodal config's sizes are nested
         # vLLM's "auto" downcasts a float32 checkpoint to bfloat16; HF's "auto" keeps the
         # checkpoint's dtype.  Resolve it here so both backends compute in the same dtype.
-        resolved_dtype = checkpoint_dtype(config) if dtype == "auto" else dtype
+        resolved_dtype = (checkpoint.config_dtype or "auto").removeprefix("torch.") if dtype == "auto" else dtype
         kwargs: dict[str, Any] = {
             "model": model_path, "tokenizer": model_path, "generation_config": "auto", "dtype": resolved_dtype,
             "trust_remote_code": trust_remote_code, "tensor_parallel_size": tensor_parallel_size,
