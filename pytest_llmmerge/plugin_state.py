@@ -157,7 +157,7 @@ RUN_MARK = ".llmmerge-run"  # "<host> <pid>" in each temp dir of a run
 def _temp_dir(config: pytest.Config, prefix: str) -> Path:
     """A directory this run owns and removes when it ends (see close_run).  A run killed before
     its end (SIGKILL, SIGTERM) cannot; the next run removes what it left, by its mark."""
-    from .merge import remove_dead_builds
+    from .atomic import remove_dead_builds
 
     remove_dead_builds(Path(tempfile.gettempdir()), pattern=_RUN_DIR, mark=RUN_MARK)
     path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
