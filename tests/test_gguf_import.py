@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pytest_llmmerge import gguf_import
-from pytest_llmmerge.gguf_import import GGUFImportError
+import gguf_import
+from gguf_import import GGUFImportError
 
 
 def test_smollm2_gguf_is_found_inside_the_installed_package() -> None:

