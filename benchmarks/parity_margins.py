@@ -57,7 +57,7 @@ def main() -> None:
     backends = options.backend or ["hf", "vllm"]
     recipes = options.recipe or list(bf16_merges.HEALTHY + bf16_merges.WRONG)
 
-    from pytest_llmmerge.gguf_import import smollm2_hf
+    from gguf_import import smollm2_hf
 
     fp32_base = smollm2_hf(progress=lambda line: print(line, flush=True))
     lora = realmodel_support.smollm2_lora(fp32_base, progress=lambda line: print(line, flush=True))

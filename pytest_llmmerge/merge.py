@@ -3,7 +3,8 @@
 What this guards against (shared/FIELD-FAILURES.md):
 
 * a merge killed near 100 % must leave no half checkpoint behind: everything is written into a
-  temp directory next to the output and renamed into place as the very last step;
+  temp directory next to the output and renamed into place as the very last step
+  (atomic.build_once);
 * `save_pretrained` must not get to rewrite what the base defines: config.json (unless the
   dtype changes), generation_config.json and every tokenizer file are copied from the base
   byte for byte afterwards, so eos ids and the chat template cannot drift;
@@ -16,24 +17,20 @@ transformers, peft) happen inside the functions that need them.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
-import re
-import secrets
 import shutil
-import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import build_once
 from .checkpoint import (
+    ADAPTER_CONFIG,
     CHAT_TEMPLATE_JINJA,
     CHAT_TEMPLATE_JSON,
     CONFIG,
@@ -49,17 +46,10 @@ from .checkpoint import (
 # every cached merge is then rebuilt instead of silently reused.
 FORMAT_VERSION = "pytest-llmmerge-merge/2"  # 2: rounding between adapters of one spec
 DTYPES = ("float32", "bfloat16", "float16")
-ADAPTER_CONFIG = "adapter_config.json"
 # Copied from the base byte for byte, whichever of them exist.
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_JINJA,
                    CHAT_TEMPLATE_JSON, "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 DEFAULT_SHARD_SIZE = "5GB"
-# f".{out.name}.tmp-{pid}-{8 hex digits}", the temp dirs build_merged writes into.
-_TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
-# How long a builder waits for another process building the same merge: longer than any merge
-# that streams from disk takes, short enough that a hung holder ends a CI job with a reason.
-LOCK_TIMEOUT_S = 2 * 3600.0
-BUILD_MARK = ".llmmerge-build"  # inside a temp dir while its build runs: "<host> <pid>"
 
 Progress = Callable[[str], None]
 
@@ -146,31 +136,13 @@ def build_merged(spec: MergeSpec, out: Path, *, progress: Progress | None = None
     filesystem) and renamed into place at the end, so a merge killed part-way leaves no `out`.
     Temp directories that dead processes left in the same parent are removed first.
     """
-    say = progress or (lambda message: None)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        return out  # an empty directory is no merge: the rename below replaces it
-    _check_inputs(spec)
-    tmp = temp_sibling(out)
-    started = time.monotonic()
-    try:
-        _merge_into(spec, tmp, say)
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError as exc:
-            # Someone else finished the same output first (ENOTEMPTY/EEXIST): theirs is whole.
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and out.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            raise
-        unmark(out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(f"done in {time.monotonic() - started:.1f} s")
-    return out
+    # No lock: `out` is the caller's own path, where a lock file would be litter.
+    return _build(spec, Path(out), lock=None, complete=_holds_something, progress=progress)[0]
+
+
+def _holds_something(out: Path) -> bool:
+    # An empty directory (made in advance for the merge) is no merge: the build replaces it.
+    return out.exists() and (not out.is_dir() or any(out.iterdir()))
 
 
 def cached_merge(spec: MergeSpec, cache_dir: Path, *, progress: Progress | None = None) -> tuple[Path, bool]:
@@ -181,15 +153,26 @@ def cached_merge(spec: MergeSpec, cache_dir: Path, *, progress: Progress | None 
     """
     key = spec.key()
     cache_dir = Path(cache_dir)
-    out = cache_dir / key[:16]
-    if out.is_dir():  # complete by construction: outputs appear only by rename
-        return out, False
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f"{key}.lock", progress=progress):
-        if out.is_dir():
-            return out, False
-        build_merged(spec, out, progress=progress)
-        return out, True
+    # A directory there is complete by construction: outputs appear only by rename.
+    return _build(spec, cache_dir / key[:16], lock=cache_dir / f"{key}.lock", complete=None, progress=progress)
+
+
+def _build(spec: MergeSpec, out: Path, *, lock: Path | None, complete: Callable[[Path], bool] | None,
+           progress: Progress | None) -> tuple[Path, bool]:
+    """(out, built now): `spec` merged into `out` by atomic.build_once, unless `complete(out)`."""
+    say = progress or (lambda message: None)
+    started = time.monotonic()
+
+    def build(tmp: Path) -> None:
+        nonlocal started
+        started = time.monotonic()  # a wait for another builder's lock is not build time
+        _check_inputs(spec)
+        _merge_into(spec, tmp, say)
+
+    path, built = build_once(out, build, lock=lock, complete=complete, progress=progress)
+    if built:
+        say(f"done in {time.monotonic() - started:.1f} s")
+    return path, built
 
 
 def build_chain(
@@ -399,115 +382,3 @@ def _check_output(base: Checkpoint, out: Checkpoint) -> None:
         extra = sorted(names - base.tensor_names())
         if extra:
             raise RuntimeError(f"merged output of a tied base holds tensors the base has not: {extra[:5]}")
-
-
-# --- files and locks --------------------------------------------------------------------------
-
-def temp_sibling(out: Path) -> Path:
-    """A new temp dir next to `out` (same filesystem: a rename publishes it whole), marked as a
-    build of this host and process; temp dirs that killed builds left there are removed first."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_builds(out.parent)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    # Cleanup removes only directories holding this mark, written by a build on this host.
-    (tmp / BUILD_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
-    return tmp
-
-
-def unmark(out: Path) -> None:
-    """Drop the build mark from a published output; removed only once renamed, so that a temp dir
-    killed at any point before still carries it."""
-    (out / BUILD_MARK).unlink(missing_ok=True)
-
-
-def remove_dead_builds(directory: Path, *, pattern: re.Pattern[str] | None = None, mark: str = "") -> None:
-    """Remove temp dirs that killed builds left in `directory` (their process is gone): names
-    matching `pattern` (a group "pid"), holding the file `mark` with this host and that pid.
-
-    Any build's, not only `out`'s: in a cache directory a killed build of one key must not
-    stay forever because that key is never built again.  A temp dir of a live process is a
-    build in progress and is left alone.
-    """
-    if not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        match = (pattern or _TEMP_NAME).match(path.name)
-        if match is None or not path.is_dir():
-            continue
-        try:
-            host, pid = (path / (mark or BUILD_MARK)).read_text(encoding="utf-8").split()
-        except (OSError, ValueError):
-            continue  # not one of ours (a user's directory, or a build of another tool)
-        # A pid means something only on its own host: another host's build on a shared volume
-        # is left alone.
-        if host == socket.gethostname() and pid == match["pid"] and int(pid) != os.getpid() \
-                and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _fsync_tree(directory: Path) -> None:
-    # The rename must not become visible before the data: fsync files, then the directory.
-    for path in directory.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class LockTimeout(TimeoutError):
-    """Another process held a build lock for longer than the wait allows."""
-
-
-@contextmanager
-def _locked(path: Path, timeout_s: float = LOCK_TIMEOUT_S, progress: Progress | None = None) -> Iterator[None]:
-    """An exclusive flock on `path`, waited for at most `timeout_s`; the holder writes its host
-    and pid into the file so that a waiter can say whom it waits for."""
-    # The lock file is never removed: unlinking a file another process waits on breaks flock.
-    with path.open("a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        told = False
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                if time.monotonic() > deadline:
-                    raise LockTimeout(f"{path} is still held by {holder} after {timeout_s:g} s: another build of "
-                                      "the same merge is running or hung; stop it or remove nothing and retry "
-                                      "later") from None
-                if progress is not None and not told:
-                    progress(f"waiting for {holder}, which is building the same merge ({path.name})")
-                    told = True
-                time.sleep(0.5)
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-            fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from . import lifeline
-from .merge import MergeSpec, remove_dead_builds
+from .atomic import remove_dead_builds
+from .merge import MergeSpec
 
 Progress = Callable[[str], None]
 TAIL_LINES = 20

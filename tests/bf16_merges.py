@@ -59,7 +59,7 @@ def bf16_base(fp32_base: Path) -> Path:
         model, tokenizer = _load(fp32_base, "float32")
         _save(model.to(torch.bfloat16), tokenizer, tmp)
 
-    return realmodel_support.build_once(realmodel_support.cache_root() / f"smollm2-bf16-v{RECIPE_VERSION}", build)
+    return realmodel_support.build_cached(realmodel_support.cache_root() / f"smollm2-bf16-v{RECIPE_VERSION}", build)
 
 
 def _quantized_(model: Any) -> None:
@@ -121,4 +121,4 @@ def merge(base: Path, adapter: Path, recipe: str, original: Path | None = None,
     key = realmodel_support.key_of(base.name, adapter.name, original.name if original else "", recipe,
                                    RECIPE_VERSION)
     build: Callable[[Path], None] = lambda tmp: _merge(base, adapter, recipe, tmp, original)  # noqa: E731
-    return realmodel_support.build_once((root or realmodel_support.cache_root()) / f"bf16-{recipe}-{key}", build)
+    return realmodel_support.build_cached((root or realmodel_support.cache_root()) / f"bf16-{recipe}-{key}", build)

@@ -136,7 +136,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def _timed(what: str, build: Callable[[], Path]) -> Path:
     """Run a cached build, log how long it took, and turn a missing package into a failure
     that names the install command (the tier was asked for, so it must not skip silently)."""
-    from pytest_llmmerge.gguf_import import GGUFImportError
+    from gguf_import import GGUFImportError
 
     started = time.monotonic()
     try:
@@ -150,7 +150,7 @@ def _timed(what: str, build: Callable[[], Path]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_base() -> Path:
     """SmolLM2-135M-Instruct as a float32 HF directory (converted from the GGUF once, cached)."""
-    from pytest_llmmerge.gguf_import import smollm2_hf
+    from gguf_import import smollm2_hf
 
     return _timed("base (GGUF -> HF)", lambda: smollm2_hf(progress=_REALMODEL_LOG.append))
 

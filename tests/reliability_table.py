@@ -229,7 +229,7 @@ FAULTS: tuple[tuple[str, str], ...] = (
     ("a report that cannot be written: verdict and summary kept, the job fails",
      "test_report.py::test_a_report_that_cannot_be_written_keeps_the_verdict_and_the_summary"),
     ("a build lock held too long: LockTimeout naming the holder",
-     "test_merge.py::test_a_lock_held_too_long_is_a_clear_timeout_naming_the_holder"),
+     "test_atomic.py::test_a_lock_held_too_long_is_a_clear_timeout_naming_the_holder"),
     ("a run ends: no temp dir and (whole suite) no process left running",
      "test_faults.py::test_a_run_leaves_no_temporary_directory, tests/conftest.py"),
 )

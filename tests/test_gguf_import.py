@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pytest_llmmerge import gguf_import
-from pytest_llmmerge.gguf_import import GGUFImportError
+import gguf_import
+from gguf_import import GGUFImportError
 
 
 def test_smollm2_gguf_is_found_inside_the_installed_package() -> None:
@@ -67,11 +67,10 @@ def test_concurrent_callers_convert_once(monkeypatch: pytest.MonkeyPatch, tmp_pa
     gguf.write_bytes(b"GGUF" * 100)
     calls: list[str] = []
 
-    def fake_convert(source: Path, out: Path, say: Any) -> None:
+    def fake_convert(source: Path, tmp: Path, out: Path, say: Any) -> None:
         calls.append(threading.current_thread().name)
         time.sleep(0.3)
-        out.mkdir(parents=True)
-        (out / gguf_import.STAMP).write_text(json.dumps(gguf_import.source_of(source)))
+        (tmp / gguf_import.STAMP).write_text(json.dumps(gguf_import.source_of(source)))
 
     monkeypatch.setattr(gguf_import, "_convert", fake_convert)
     results: list[Path] = []
@@ -92,6 +91,12 @@ def test_a_directory_without_stamp_is_converted_again(monkeypatch: pytest.Monkey
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
     calls: list[Path] = []
-    monkeypatch.setattr(gguf_import, "_convert", lambda source, out, say: calls.append(out))
-    gguf_import.convert_gguf(gguf, tmp_path / "c")
+
+    def fake_convert(source: Path, tmp: Path, out: Path, say: Any) -> None:
+        calls.append(out)
+        (tmp / gguf_import.STAMP).write_text(json.dumps(gguf_import.source_of(source)))
+
+    monkeypatch.setattr(gguf_import, "_convert", fake_convert)
+    assert gguf_import.convert_gguf(gguf, tmp_path / "c") == stale
     assert calls == [stale]
+    assert sorted(p.name for p in stale.iterdir()) == [gguf_import.STAMP]  # the stale one replaced whole

@@ -117,7 +117,7 @@ class LlmMergeRun:
     def _temp_dir(self, prefix: str) -> Path:
         """A directory this run owns and removes when it ends (see close).  A run killed before
         its end (SIGKILL) cannot; the next run removes what it left, by its mark."""
-        from ..merge import remove_dead_builds
+        from ..atomic import remove_dead_builds
 
         remove_dead_builds(Path(tempfile.gettempdir()), pattern=_RUN_DIR, mark=RUN_MARK)
         path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))

