@@ -253,7 +253,6 @@ def resharded(model: Path, max_shard_size: str = "100MB", *, progress: Progress 
     """
     def build(tmp: Path) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
         from transformers import AutoModelForCausalLM
 
         started = time.monotonic()
