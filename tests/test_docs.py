@@ -45,3 +45,21 @@ def test_github_actions_example_uses_real_options_and_gates_release() -> None:
     upload = next(step for step in gate["steps"] if step.get("name") == "Upload the report")
     assert upload["if"] == "always()" and "llmmerge-report.json" in upload["with"]["path"]
     assert workflow["jobs"]["release"]["needs"] == "gate"
+
+
+def test_readme_layout_names_every_module_and_no_module_that_is_gone() -> None:
+    """"How the code is laid out" keeps up with the package: every module has its row."""
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## How the code is laid out"):readme.index("## Development")]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([^`]+)`", row)}
+    package = REPO / "pytest_llmmerge"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    modules |= {f"{p.parent.relative_to(package)}/__init__.py" for p in package.rglob("__init__.py")
+                if p.parent != package}
+    covered = {m for m in modules if m in named or f"{m.split('/')[0]}/" in named}
+    assert covered == modules, sorted(modules - covered)
+    gone = {n for n in named if n.endswith(".py") and n not in modules}
+    assert not gone, sorted(gone)
