@@ -18,6 +18,11 @@ from typing import Any
 
 from .model_config import CONFIG_KEYS_IGNORED, rope_parameters
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo, read_safetensors_header
+from .text_files import read_text
+
+# The largest tokenizer.json of a released model is a few tens of MB; a larger JSON file is a
+# broken or hostile one, reported instead of read into memory.
+MAX_JSON_BYTES = 512 * 1024 * 1024
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -130,7 +135,7 @@ class Checkpoint:
         if not self.has(name):
             return JsonFile(name, exists=False)
         try:
-            text = (self.path / name).read_text(encoding="utf-8")
+            text = read_text(self.path / name, MAX_JSON_BYTES)
         except (OSError, UnicodeDecodeError) as exc:
             return JsonFile(name, exists=True, error=f"cannot be read: {exc}")
         try:
