@@ -56,6 +56,17 @@ class Context:
             raise CheckSkipped("needs --llm-base to compare with")
         return self.base
 
+    def comparable_pair(self, unusable: Callable[[Checkpoint], object], *, model_skip: str,
+                        base_skip: str) -> tuple[Checkpoint, Checkpoint]:
+        """The model and the base, or the check skipped when either cannot be compared (the
+        check of the model's own files reports why)."""
+        base = self.require_base()
+        if unusable(self.model):
+            raise CheckSkipped(model_skip)
+        if unusable(base):
+            raise CheckSkipped(base_skip)
+        return self.model, base
+
 
 @dataclass(frozen=True)
 class Check:

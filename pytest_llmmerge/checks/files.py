@@ -259,12 +259,8 @@ def check_tokenizer(ctx: Context) -> list[Finding]:
 
 
 def check_tokenizer_vs_base(ctx: Context) -> list[Finding]:
-    base = ctx.require_base()
-    model = ctx.model
-    if _tokenizer_problems(model):
-        raise CheckSkipped("the model's tokenizer files are incomplete (see TOK001)")
-    if _tokenizer_problems(base):
-        raise CheckSkipped("the base's tokenizer files are incomplete")
+    model, base = ctx.comparable_pair(_tokenizer_problems, model_skip="the model's tokenizer files are incomplete "
+                                      "(see TOK001)", base_skip="the base's tokenizer files are incomplete")
     findings = []
     mine, theirs = model.special_tokens(), base.special_tokens()
     changed = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k) and ":" not in k

@@ -130,12 +130,9 @@ def _weights_unreadable(ckpt: Checkpoint) -> bool:
 
 
 def check_weights_vs_base(ctx: Context) -> list[Finding]:
-    base = ctx.require_base()
-    model = ctx.model
-    if _weights_unreadable(model):
-        raise CheckSkipped("the model has no safetensors weights to compare (see WGT001/SAF001)")
-    if _weights_unreadable(base):
-        raise CheckSkipped("the base has no safetensors weights to compare with")
+    model, base = ctx.comparable_pair(_weights_unreadable, model_skip="the model has no safetensors weights to "
+                                      "compare (see WGT001/SAF001)",
+                                      base_skip="the base has no safetensors weights to compare with")
     for ckpt, whose in ((model, "the model's"), (base, "the base's")):
         broken = [f for f in ckpt.loaded_weight_files() if isinstance(ckpt.header(f), HeaderError)]
         if broken:
