@@ -7,14 +7,22 @@ chat never stops).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import string
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import FrameType
 from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 # Fixed conversations: English and Chinese, with and without a system turn, multi-turn.
 SAMPLE_CONVERSATIONS: tuple[tuple[tuple[tuple[str, str], ...], bool], ...] = (
@@ -102,8 +110,6 @@ def _check_printf(fmt: str, args: Any) -> None:
 
 
 def _check_format_fields(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    import string
-
     try:
         fields = list(string.Formatter().parse(fmt))
     except ValueError:
@@ -117,79 +123,76 @@ def _check_format_fields(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any
                 _check_size_request(value)
 
 
+class _GenerationBlock(Extension):
+    # transformers marks assistant spans with {% generation %}; the text is unchanged.
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+class _BoundedNamespace(Namespace):
+    # {% set ns.s = ns.s ~ ns.s %} in a loop doubles a value with no operator to intercept.
+    def __setitem__(self, name: str, value: Any) -> None:
+        _check_sizes([value])
+        super().__setitem__(name, value)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    # One `*` or `**` can allocate gigabytes or compute for hours inside a single C call,
+    # where no deadline can interrupt it: refuse such operands up front.
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%" and isinstance(left, str):
+            _check_printf(left, right)
+        if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise TemplateBudgetExceeded(f"exponent {right} is larger than {MAX_EXPONENT}")
+        if operator == "*":
+            sized = [(v, n) for v, n in ((left, right), (right, left))
+                     if isinstance(v, (str, list, tuple)) and isinstance(n, int)]
+            if sized and len(sized[0][0]) * sized[0][1] > MAX_VALUE_LENGTH:
+                raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        # str.center(10**9), range(10**9): one C call, gigabytes.
+        for value in (*args, *kwargs.values()):
+            if not isinstance(value, str):
+                _check_size_request(value)
+        # jinja hands str.format over wrapped (3.1.5+) or bare (before): look through.
+        method = getattr(__obj, "__wrapped__", __obj)
+        if getattr(method, "__name__", "") in ("format", "format_map") and isinstance(
+                getattr(method, "__self__", None), str):
+            _check_format_fields(method.__self__, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 def _environment() -> Any:
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
-
-    class GenerationBlock(Extension):
-        # transformers marks assistant spans with {% generation %}; the text is unchanged.
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.Scope(body, lineno=lineno)
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                          separators=separators, sort_keys=sort_keys)
-
-    class BoundedNamespace(Namespace):
-        # {% set ns.s = ns.s ~ ns.s %} in a loop doubles a value with no operator to intercept.
-        def __setitem__(self, name: str, value: Any) -> None:
-            _check_sizes([value])
-            super().__setitem__(name, value)
-
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        # One `*` or `**` can allocate gigabytes or compute for hours inside a single C call,
-        # where no deadline can interrupt it: refuse such operands up front.
-        intercepted_binops = frozenset({"*", "**", "%"})
-
-        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            if operator == "%" and isinstance(left, str):
-                _check_printf(left, right)
-            if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
-                raise TemplateBudgetExceeded(f"exponent {right} is larger than {MAX_EXPONENT}")
-            if operator == "*":
-                sized = [(v, n) for v, n in ((left, right), (right, left))
-                         if isinstance(v, (str, list, tuple)) and isinstance(n, int)]
-                if sized and len(sized[0][0]) * sized[0][1] > MAX_VALUE_LENGTH:
-                    raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
-            return super().call_binop(context, operator, left, right)
-
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-            # str.center(10**9), range(10**9): one C call, gigabytes.
-            for value in (*args, *kwargs.values()):
-                if not isinstance(value, str):
-                    _check_size_request(value)
-            # jinja hands str.format over wrapped (3.1.5+) or bare (before): look through.
-            method = getattr(__obj, "__wrapped__", __obj)
-            if getattr(method, "__name__", "") in ("format", "format_map") and isinstance(
-                    getattr(method, "__self__", None), str):
-                _check_format_fields(method.__self__, args, kwargs)
-            return super().call(__context, __obj, *args, **kwargs)
-
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
-    env.filters["tojson"] = tojson
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
+    env.filters["tojson"] = _tojson
     # Filters are called directly, not through `call`: "x" | center(10**9), "%999999999s" | format.
     env.filters.update({name: _bounded_filter(name, f) for name, f in env.filters.items()})
-    env.globals["namespace"] = BoundedNamespace
-    env.globals["raise_exception"] = raise_exception
+    env.globals["namespace"] = _BoundedNamespace
+    env.globals["raise_exception"] = _raise_exception
     # A fixed date so that templates that print today's date render the same for both sides.
     env.globals["strftime_now"] = lambda fmt: datetime(2024, 1, 1).strftime(fmt)
     return env
 
 
 def _bounded_filter(name: str, function: Any) -> Any:
-    import functools
-
     @functools.wraps(function)  # keeps jinja's pass_context/pass_eval_context mark
     def bounded(*args: Any, **kwargs: Any) -> Any:
         for value in (*args, *kwargs.values()):
@@ -204,8 +207,6 @@ def _bounded_filter(name: str, function: Any) -> Any:
 def render(template: str, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool,
            special_tokens: Mapping[str, str]) -> str:
     """Render `messages`; raises TemplateError with the template's own message on failure."""
-    import jinja2
-
     kwargs = {k: v for k, v in special_tokens.items() if k.endswith("_token")}
     previous = sys.gettrace()
     sys.settrace(_Deadline(RENDER_SECONDS))

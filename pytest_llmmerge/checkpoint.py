@@ -224,7 +224,8 @@ class Checkpoint:
         """Token content -> id from tokenizer.json's vocabulary and added tokens."""
         tok = self.json_object(TOKENIZER_JSON)
         ids: dict[str, int] = {}
-        vocab = (tok.get("model") or {}).get("vocab")
+        model = tok.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             ids.update({str(k): int(v) for k, v in vocab.items() if isinstance(v, int)})
         elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], id is the position
@@ -237,7 +238,8 @@ class Checkpoint:
         """Added tokens as {id, content, special}, from tokenizer.json or tokenizer_config.json."""
         tok = self.json_object(TOKENIZER_JSON)
         found: dict[int, dict[str, Any]] = {}
-        for entry in tok.get("added_tokens") or []:
+        listed = tok.get("added_tokens")
+        for entry in listed if isinstance(listed, list) else []:
             if isinstance(entry, dict) and isinstance(entry.get("id"), int):
                 found[entry["id"]] = {"id": entry["id"], "content": str(entry.get("content")),
                                       "special": bool(entry.get("special", False))}

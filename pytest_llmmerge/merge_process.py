@@ -23,7 +23,7 @@ from typing import Any
 
 from . import lifeline
 from .atomic import remove_dead_builds
-from .merge import MergeSpec
+from .merge import MergeSpec, build_merged, cached_merge
 
 Progress = Callable[[str], None]
 TAIL_LINES = 20
@@ -104,8 +104,6 @@ def _say(kind: str, text: str) -> None:
 
 
 def _child(payload: dict[str, Any]) -> None:
-    from .merge import build_merged, cached_merge
-
     raw = payload["spec"]
     spec = MergeSpec(**{**raw, "base": Path(raw["base"]), "adapters": tuple(Path(a) for a in raw["adapters"])})
     try:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from . import calibration, metrics
 from .backends.base import Generation, GenRequest, ScoreRequest, TokenLogprobs
+from .suite import default_suite
 
 # Top-k of the adapter-only side used for KL; the rest of the mass is one bucket.
 KL_TOP_K = 64
@@ -68,8 +69,6 @@ def corpus_texts(suite_corpora: Iterable[str], corpus_file: Path | None) -> list
 
 def greedy_prompts() -> list[GenRequest]:
     """Prompts for the greedy comparison: the default suite's (generic, chat and raw)."""
-    from .suite import default_suite
-
     return [GenRequest(prompt=c.prompt, messages=c.messages, max_new_tokens=GREEDY_BUDGET)
             for c in default_suite().cases]
 

@@ -16,6 +16,8 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 SCHEMA_ID = "pytest-llmmerge-report/1"
 _CODE = re.compile(r"^[A-Z]{3}\d{3}$")
 # The user property a check item records its findings under, as plain dicts (they cross
@@ -98,8 +100,6 @@ def schema() -> dict[str, Any]:
 
 def validate(report: Mapping[str, Any]) -> None:
     """Raise jsonschema.ValidationError when `report` does not follow the schema."""
-    import jsonschema
-
     jsonschema.validate(report, schema())
 
 

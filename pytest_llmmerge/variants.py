@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .merge import MergeSpec, build_merged, cached_merge
+from .merge_process import run_merge
+
 REFERENCE, ADAPTER, MERGED = "reference", "adapter", "merged"
 _STAGE = re.compile(r"^stage(?P<k>\d+)(?P<adapter>-adapter)?$")
 
@@ -106,8 +109,6 @@ class Chain:
             raise BuildFailed(f"stage {k} is not available: its build failed earlier in this run "
                               f"({self._failed[k]}); not retried")
         if k not in self._built:
-            from .merge import MergeSpec
-
             into_candidate = k == self.n and self.candidate_out is not None
             if self.cache_dir is None and not into_candidate:
                 raise VariantUnavailable("no cache directory to build merged stages in")
@@ -134,11 +135,7 @@ class Chain:
     def _build(self, spec: Any, out: Path | None) -> tuple[Path, bool]:
         """(directory, built now): into `out`, else into the cache; in a child process under a
         deadline when merge_timeout_s is set."""
-        from .merge import build_merged, cached_merge
-
         if self.merge_timeout_s is not None:
-            from .merge_process import run_merge
-
             if out is not None:
                 return run_merge(spec, out=out, timeout_s=self.merge_timeout_s, progress=self.progress)
             return run_merge(spec, cache_dir=self.cache_dir, timeout_s=self.merge_timeout_s, progress=self.progress)

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from . import lifeline
+from .backends import backend_class
 from .backends.base import Generation, GenRequest, ScoreRequest, TokenLogprobs
+
 
 @dataclass(frozen=True)
 class Load:
@@ -244,8 +246,6 @@ def _child(fd: int, lifeline_fd: int | None = None) -> None:
     load = conn.recv()
     assert isinstance(load, Load)
     sys.path[:0] = [p for p in load.sys_path if p not in sys.path]
-    from .backends import backend_class
-
     try:
         start = time.perf_counter()
         backend = backend_class(load.backend)(**load.kwargs)

@@ -106,6 +106,7 @@ def _tiny_weights(directory: Path) -> None:
 @example(files={CONFIG: f'{{"vocab_size": {HUGE_INT}}}', GENERATION_CONFIG: f'{{"eos_token_id": [{HUGE_INT}]}}'},
          against_base=True)
 @example(files={GENERATION_CONFIG: {"eos_token_id": [-1, 2]}, WEIGHTS_INDEX: {"weight_map": {}}}, against_base=False)
+@example(files={TOKENIZER_JSON: {"model": True, "added_tokens": True}}, against_base=True)
 def test_any_checkpoint_files_give_findings_with_codes(files: dict[str, Any], against_base: bool) -> None:
     """Every check of a checkpoint whose JSON files hold anything returns findings (or a
     skip with its reason); run_check lets any other exception through, so this catches it."""

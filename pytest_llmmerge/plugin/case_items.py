@@ -11,11 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .run import LlmMergeRun
+from ..backends.base import GenRequest
+from ..bisection import Probe, bisect_stages
+from ..expectations import evaluate
+from ..runner import Pending
+from ..suite import SuiteError, load_suite
+from ..variants import BuildFailed
+from ..worker import DeadlineExceeded, WorkerError
 
 if TYPE_CHECKING:
     from ..backends.base import Generation
     from ..suite import Case, Suite
+    from .run import LlmMergeRun
 
 
 def _case_items(parent: pytest.Collector, suite: Suite, run: LlmMergeRun) -> Iterator[CaseItem]:
@@ -36,8 +43,6 @@ class SuiteFile(pytest.File):
         self.run = run
 
     def collect(self) -> Iterator[CaseItem]:
-        from ..suite import SuiteError, load_suite
-
         try:
             suite = load_suite(self.path)
         except SuiteError as exc:
@@ -93,15 +98,9 @@ class CaseItem(pytest.Item):
             self.add_marker(pytest.mark.llmmerge_tag(tag))
 
     def request(self) -> Any:
-        from ..backends.base import GenRequest
-
         return GenRequest(prompt=self.case.prompt, messages=self.case.messages, max_new_tokens=self.case.max_new_tokens)
 
     def runtest(self) -> None:
-        from ..expectations import evaluate
-        from ..runner import Pending
-        from ..worker import DeadlineExceeded, WorkerError
-
         self.run.skip_unavailable(self.backend)
         if self.variant not in self.run.the_chain.available():
             pytest.skip(f"variant {self.variant!r} is not available in this run: the adapter-only and "
@@ -139,10 +138,6 @@ class CaseItem(pytest.Item):
     def _run_on(self, variant: str, backend: str | None = None) -> tuple[bool, str]:
         """(fails, what it did) for this case on another variant, same deadline (and backend,
         unless another is named)."""
-        from ..expectations import evaluate
-        from ..runner import Pending
-        from ..worker import WorkerError
-
         backend = backend or self.backend
         try:
             generation = self.run.the_runner.generate(
@@ -209,8 +204,6 @@ class CaseItem(pytest.Item):
 
     def _bisect(self, reason: str) -> list[str]:
         """Probe the chain's stages with this case to name the adapter that broke it."""
-        from ..bisection import Probe, bisect_stages
-
         runner, chain = self.run.the_runner, self.run.the_chain
         say = self.run.say
         keep = self._workers_still_needed()
@@ -236,8 +229,6 @@ class CaseItem(pytest.Item):
         return [i for i in self.run.later_items(self) if isinstance(i, CaseItem) and i.worker_key == self.worker_key]
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        from ..variants import BuildFailed
-
         error = excinfo.value
         if isinstance(error, BuildFailed):
             return f"case {self.case.id!r} on {self.variant}-{self.backend}: {error}"

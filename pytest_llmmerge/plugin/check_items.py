@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ..checks import checks_of
+from ..checks.base import IntegrityWarning, run_check
 from ..report import FINDINGS
-from .run import LlmMergeRun
+from ..variants import BuildFailed
+
+if TYPE_CHECKING:
+    from .run import LlmMergeRun
 
 
 class CheckFailed(Exception):
@@ -30,8 +35,6 @@ class CheckGroup(pytest.Collector):
         self.run = run
 
     def collect(self) -> list[pytest.Item]:
-        from ..checks import checks_of
-
         return [CheckItem.from_parent(self, name=check.name, check=check, run=self.run)
                 for check in checks_of(self.group)]
 
@@ -48,8 +51,6 @@ class CheckItem(pytest.Item):
         self.add_marker(f"llmmerge_{check.group}")
 
     def runtest(self) -> None:
-        from ..checks.base import IntegrityWarning, run_check
-
         context = self.run.check_context()
         outcome = run_check(self.check, context)
         self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
@@ -70,8 +71,6 @@ class CheckItem(pytest.Item):
             raise CheckFailed(outcome.errors, context.model.path)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        from ..variants import BuildFailed
-
         if isinstance(excinfo.value, BuildFailed):
             return f"{self.check.group} check {self.check.name!r}: {excinfo.value}"
         if isinstance(excinfo.value, CheckFailed):

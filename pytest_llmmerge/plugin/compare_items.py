@@ -6,12 +6,20 @@ the candidate's dtype and backend, and fails with the comparison's lines.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .run import SCORING_BACKENDS, LlmMergeRun
+from .. import parity
+from ..backends import SCORING_BACKENDS
+from ..checkpoint import Checkpoint
+from ..merge_audit import worst_layers
+from ..parity import Sides
+from ..variants import BuildFailed
+from ..worker import DeadlineExceeded, WorkerError
 
+if TYPE_CHECKING:
+    from .run import LlmMergeRun
 
 class _Comparisons(pytest.Collector):
     def __init__(self, *, run: LlmMergeRun, **kwargs: Any) -> None:
@@ -64,9 +72,6 @@ class ComparisonItem(pytest.Item):
             raise ParityFailed(report.lines())
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        from ..variants import BuildFailed
-        from ..worker import DeadlineExceeded, WorkerError
-
         if isinstance(excinfo.value, BuildFailed):
             return str(excinfo.value)
         if isinstance(excinfo.value, DeadlineExceeded):
@@ -86,8 +91,6 @@ class ComparisonItem(pytest.Item):
 
 def stage_sides(stage: int | None, backend: str, dtype: str) -> Any:
     """Truth, noise model and candidate of merge stage k (None: the merged candidate)."""
-    from ..parity import Sides
-
     merged, adapter = ("merged", "adapter") if stage is None else (f"stage{stage}", f"stage{stage}-adapter")
     return Sides(truth=(f"{adapter}@float32", "hf"), noise=(f"{adapter}@as-{merged}", backend),
                  candidate=(merged, backend), noise_name=f"adapter-only ({dtype}, {backend})",
@@ -114,8 +117,6 @@ class ParityItem(ComparisonItem):
         self.add_marker("llmmerge_parity")
 
     def runtest(self) -> None:
-        from .. import parity
-
         self.run.skip_unavailable(self.backend)
         settings, runner, chain = self.run.settings, self.run.the_runner, self.run.the_chain
         deadline = settings.call_timeout_s
@@ -130,9 +131,6 @@ class ParityItem(ComparisonItem):
                                           parity.greedy_prompts(), settings, deadline,
                                           blame=self._blame(chain, self.stage, dtype))
             if not report.ok:  # which tensors lost the update: the merge-precision audit of this stage
-                from ..checkpoint import Checkpoint
-                from ..merge_audit import worst_layers
-
                 worst, lines = worst_layers(Checkpoint(chain.stage(self.stage)), Checkpoint(chain.stage(self.stage - 1)),
                                             chain.adapters[self.stage - 1])
                 report.details += lines
@@ -181,9 +179,6 @@ class AgreementItem(ComparisonItem):
         self.add_marker("llmmerge_agreement")
 
     def runtest(self) -> None:
-        from .. import parity
-        from ..checkpoint import Checkpoint
-
         self.run.skip_unavailable("vllm")
         settings, runner = self.run.settings, self.run.the_runner
         spec = self.run.the_chain.resolve(self.variant)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .run import LlmMergeRun
+from .. import report
+from ..report import record, terminal_lines
+
+if TYPE_CHECKING:
+    from .run import LlmMergeRun
 
 _KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement")
 
@@ -32,8 +38,6 @@ class Reporting:
         if (report.when != "call" and report.outcome == "passed") or \
                 (report.when == "teardown" and report.outcome != "failed"):
             return
-        from ..report import record
-
         kind = next((k for k in _KINDS if f"llmmerge_{k}" in report.keywords), "test")
         given = {k: v for k, v in report.user_properties if k in ("variant", "backend")}
         message = None
@@ -56,11 +60,9 @@ class Reporting:
         _add_stats(self.remote_workers, getattr(node, "workeroutput", {}).get("llmmerge_workers", {}))
 
     def worker_stats(self) -> dict[str, dict[str, Any]]:
-        from dataclasses import asdict
-
         combined = {label: dict(numbers) for label, numbers in self.remote_workers.items()}
         if self.run.runner is not None:
-            _add_stats(combined, {label: asdict(stats) for label, stats in self.run.runner.stats().items()})
+            _add_stats(combined, {label: dataclasses.asdict(stats) for label, stats in self.run.runner.stats().items()})
         return combined
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -71,11 +73,6 @@ class Reporting:
         settings = self.settings
         if settings.report is None and settings.report_md is None:
             return
-        import dataclasses
-        from datetime import datetime, timezone
-
-        from .. import report
-
         built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
                              workers=self.worker_stats(), exit_status=int(exitstatus),
                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -100,8 +97,6 @@ class Reporting:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Termination and parity figures per variant and backend, and the model loads per worker."""
-        from ..report import terminal_lines
-
         lines = terminal_lines(list(self.records.values()), self.worker_stats())
         failed = " ".join(self.write_errors)
         lines += [f"{what} written to {path}" for what, path in (("report", self.settings.report),

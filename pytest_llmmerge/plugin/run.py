@@ -20,18 +20,25 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
-from ..settings import OPTIONS, Settings, SettingsError, describe, resolve_settings
+from ..atomic import remove_dead_builds
+from ..backends import resolve_spec, unavailable
+from ..checkpoint import Checkpoint
+from ..checks.base import Context
+from ..handles import VariantHandle
+from ..report import versions
+from ..runner import Runner
+from ..settings import OPTIONS, Settings, SettingsError, describe, resolve_settings, vllm_kwargs
+from ..suite import default_suite, looks_like_suite
+from ..variants import MERGED, Chain, VariantUnavailable
+from .case_items import CaseItem, DefaultSuite, SuiteFile
+from .check_items import CheckGroup
+from .compare_items import AgreementChecks, ComparisonItem, ParityChecks
+from .reporting import Reporting
 
-if TYPE_CHECKING:
-    from ..runner import Runner
-    from ..variants import Chain
-
-# Backends that can score text, so parity items run on them.
-SCORING_BACKENDS = ("hf", "vllm")
 RUN_MARK = ".llmmerge-run"  # "<host> <pid>" in each temp dir of a run
 _RUN_DIR = re.compile(r"^llmmerge-(workers|merges)-(?P<pid>\d+)-")
 # pytest-timeout's limit on an item of ours when the user set none: past every deadline the
@@ -73,8 +80,6 @@ class LlmMergeRun:
         run = cls(config, settings)
         config.stash[cls._KEY] = run
         if settings.enabled:
-            from .reporting import Reporting
-
             config.pluginmanager.register(Reporting(run), "llmmerge-reporting")
             run._unwind_on_sigterm()
             run.chain = run._make_chain()
@@ -117,8 +122,6 @@ class LlmMergeRun:
     def _temp_dir(self, prefix: str) -> Path:
         """A directory this run owns and removes when it ends (see close).  A run killed before
         its end (SIGKILL) cannot; the next run removes what it left, by its mark."""
-        from ..atomic import remove_dead_builds
-
         remove_dead_builds(Path(tempfile.gettempdir()), pattern=_RUN_DIR, mark=RUN_MARK)
         path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
         (path / RUN_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
@@ -128,8 +131,6 @@ class LlmMergeRun:
     def _make_chain(self) -> Chain:
         """Stages (and with --llm-build-merged the candidate) are built when an item first needs
         them, once, a failure reported to every item that needs them."""
-        from ..variants import Chain
-
         settings = self.settings
         # Under the pytest cache (kept between runs); with -p no:cacheprovider, a temp dir.
         cache_provider = getattr(self.config, "cache", None)
@@ -142,10 +143,6 @@ class LlmMergeRun:
                      candidate_out=settings.model if settings.build_merged else None)
 
     def _make_runner(self) -> Runner:
-        from ..backends import resolve_spec
-        from ..runner import Runner
-        from ..settings import vllm_kwargs
-
         settings, chain = self.settings, self.the_chain
         # Under pytest-xdist every process has its own workers: share the cores between them.
         processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
@@ -181,10 +178,6 @@ class LlmMergeRun:
         """One Context per session, so every check shares the parsed files and headers.  Made
         by the first check item: with --llm-build-merged, the candidate is built then."""
         if self._context is None:
-            from ..checkpoint import Checkpoint
-            from ..checks.base import Context
-            from ..variants import MERGED
-
             settings = self.settings
             self._context = Context(
                 model=Checkpoint(self.the_chain.resolve(MERGED).path),
@@ -199,8 +192,6 @@ class LlmMergeRun:
         --llm-dtype, else ("auto") the one its checkpoint (or, for ``name@as-other``, the
         other's) declares.  Concrete, so that two names for the same model in the same dtype
         share one worker."""
-        from ..checkpoint import Checkpoint
-
         if spec.dtype:
             return str(spec.dtype)
         if self.settings.dtype != "auto":
@@ -226,17 +217,12 @@ class LlmMergeRun:
 
     @staticmethod
     def skip_unavailable(backend: str) -> None:
-        from ..backends import unavailable
-
         reason = unavailable(backend)
         if reason is not None:
             pytest.skip(reason)
 
     def variant_handle(self, variant: str) -> Any:
         """What the llm_* fixtures give a user's test: the variant's model and a client per backend."""
-        from ..handles import VariantHandle
-        from ..variants import VariantUnavailable
-
         if not self.enabled:
             pytest.skip("pytest-llmmerge is off: give --llm-model, or --llm-base with --llm-adapter")
         if variant not in self.the_chain.available():
@@ -259,8 +245,6 @@ class LlmMergeRun:
     def report_header(self) -> list[str] | None:
         if not self.enabled:
             return None
-        from ..report import versions
-
         found = versions()
         return [*describe(self.settings), "llmmerge versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
 
@@ -268,8 +252,6 @@ class LlmMergeRun:
         """YAML suites: named on the command line, inside a directory named there, or matching a glob."""
         if not self.enabled or file_path.suffix not in (".yaml", ".yml") or not self._is_suite(file_path):
             return None
-        from .case_items import SuiteFile
-
         return SuiteFile.from_parent(parent, path=file_path, run=self)
 
     def _is_suite(self, file_path: Path) -> bool:
@@ -280,8 +262,6 @@ class LlmMergeRun:
             if given == file_path.resolve():
                 return True
             if given.is_dir() and given in file_path.resolve().parents:
-                from ..suite import looks_like_suite
-
                 return looks_like_suite(file_path)
         return False
 
@@ -291,10 +271,6 @@ class LlmMergeRun:
         Runs before -k/-m deselection, so users select generated items like any other."""
         if not self.enabled:
             return
-        from .case_items import CaseItem, DefaultSuite
-        from .check_items import CheckGroup
-        from .compare_items import AgreementChecks, ComparisonItem, ParityChecks
-
         if self.suite_errors:
             raise pytest.UsageError("pytest-llmmerge: invalid suite\n" + "\n".join(self.suite_errors))
         settings = self.settings
@@ -303,8 +279,6 @@ class LlmMergeRun:
         items[:0] = [item for group in groups for item in _generated(CheckGroup.from_parent(
             session, name=group, nodeid=group, group=group, path=path, run=self))]
         if not any(isinstance(item, CaseItem) for item in items):
-            from ..suite import default_suite
-
             items.extend(_generated(DefaultSuite.from_parent(session, name="default-suite", nodeid="default-suite",
                                                              suite=default_suite(), run=self)))
         items.extend(_generated(ParityChecks.from_parent(session, name="parity", nodeid="parity", run=self)))
