@@ -34,6 +34,8 @@ CHAT_TEMPLATE_JSON = "chat_template.json"
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 # The names transformers looks for, in that order: a single file wins over an index.
 WEIGHTS_FILE = "model.safetensors"
+# Where config.json names the dtype: transformers 5 writes "dtype", 4.x wrote "torch_dtype".
+CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
@@ -162,8 +164,7 @@ class Checkpoint:
 
     @property
     def config_dtype(self) -> str | None:
-        # transformers v5 writes "dtype"; v4 wrote "torch_dtype".
-        value = self.config.get("dtype", self.config.get("torch_dtype"))
+        value = next((self.config[k] for k in CONFIG_DTYPE_KEYS if self.config.get(k) is not None), None)
         return str(value) if value is not None else None
 
     @property

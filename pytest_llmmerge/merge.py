@@ -34,6 +34,7 @@ from .checkpoint import (
     CHAT_TEMPLATE_JINJA,
     CHAT_TEMPLATE_JSON,
     CONFIG,
+    CONFIG_DTYPE_KEYS,
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
@@ -354,7 +355,7 @@ def _restore_base_files(base: Path, out: Path, output_dtype: str, base_dtype: st
         # Another dtype: the base's config with only the dtype changed, rather than the config
         # save_pretrained regenerates (which may rename or drop keys the base's loaders need).
         config = json.loads((base / CONFIG).read_text(encoding="utf-8"))
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        keys = [k for k in CONFIG_DTYPE_KEYS if k in config] or [CONFIG_DTYPE_KEYS[0]]
         for k in keys:
             config[k] = output_dtype
         (out / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

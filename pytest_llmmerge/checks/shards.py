@@ -30,7 +30,7 @@ def check_weight_files(ctx: Context) -> list[Finding]:
     if not shards:
         if model.pickle_files:
             raise CheckSkipped("weights are pickle files only; header checks need safetensors (see SAF001)")
-        return [Finding("WGT001", "error", "no weight files (*.safetensors) in the checkpoint", "model.safetensors")]
+        return [Finding("WGT001", "error", "no weight files (*.safetensors) in the checkpoint", WEIGHTS_FILE)]
     findings: list[Finding] = []
     index = model.index_file
     if WEIGHTS_FILE in shards:
@@ -45,7 +45,7 @@ def check_weight_files(ctx: Context) -> list[Finding]:
         findings.append(Finding("WGT004", "error", f"{len(shards)} safetensors files ({', '.join(shards[:4])}"
                                 f"{', ...' if len(shards) > 4 else ''}) but no model.safetensors.index.json: "
                                 "loaders find no weights. This is what an interrupted merge leaves", shards[0]))
-    elif shards[0] != "model.safetensors":
+    elif shards[0] != WEIGHTS_FILE:
         findings.append(Finding("WGT004", "error", f"single weight file {shards[0]} without an index: loaders "
                                 "look for model.safetensors", shards[0]))
     for name in model.loaded_weight_files():
