@@ -71,9 +71,30 @@ class _Deadline:
 
 
 def _check_sizes(values: Iterable[Any]) -> None:
+    """No value of more than MAX_VALUE_LENGTH items, counting what nested containers hold once
+    written out: {% set x = [x, x] %} sixty times is a list of two that prints as 2**60."""
     for value in values:
-        if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_VALUE_LENGTH:
+        if isinstance(value, (str, list, tuple, dict)) and _written_size(value) > MAX_VALUE_LENGTH:
             raise TemplateBudgetExceeded(f"a value of more than {MAX_VALUE_LENGTH} items")
+
+
+def _written_size(value: Any) -> int:
+    """Items and characters `value` spans once written out, counted only up to just past the
+    limit (so the count itself is bounded, however deep the sharing goes)."""
+    total, stack = 0, [value]
+    while stack and total <= MAX_VALUE_LENGTH:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, (list, tuple)):
+            total += len(item)
+            stack.extend(item[:MAX_VALUE_LENGTH + 1])
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.extend(list(item.values())[:MAX_VALUE_LENGTH + 1])
+        else:
+            total += 1
+    return total
 
 
 # printf conversions ("%-999999999s", "%.999999999f", "%*d") and the numbers in a str.format
@@ -185,11 +206,18 @@ def _environment() -> Any:
     env.filters["tojson"] = _tojson
     # Filters are called directly, not through `call`: "x" | center(10**9), "%999999999s" | format.
     env.filters.update({name: _bounded_filter(name, f) for name, f in env.filters.items()})
+    # Every {{ value }} is written out by one C call (str of a list): its size is checked first.
+    env.finalize = _bounded_output
     env.globals["namespace"] = _BoundedNamespace
     env.globals["raise_exception"] = _raise_exception
     # A fixed date so that templates that print today's date render the same for both sides.
     env.globals["strftime_now"] = lambda fmt: datetime(2024, 1, 1).strftime(fmt)
     return env
+
+
+def _bounded_output(value: Any) -> Any:
+    _check_sizes([value])
+    return value
 
 
 def _bounded_filter(name: str, function: Any) -> Any:
@@ -198,6 +226,7 @@ def _bounded_filter(name: str, function: Any) -> Any:
         for value in (*args, *kwargs.values()):
             if not isinstance(value, str):
                 _check_size_request(value)
+        _check_sizes((*args, *kwargs.values()))  # "x" | tojson, | join, | string write containers out
         if name == "format" and args and isinstance(args[0], str):
             _check_printf(args[0], kwargs or args[1:])
         return function(*args, **kwargs)

@@ -6,7 +6,10 @@ run the same in pytest's process, in a worker, or in a notebook.
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import signal
 from collections import Counter
 from collections.abc import Sequence
 
@@ -14,6 +17,9 @@ from .backends.base import Generation
 from .suite import Case
 
 _SHOWN_CHARS = 80  # of the output quoted in an `equals` failure; the item shows it in full
+# A suite's regex runs on a model's output in pytest's own process, where nothing else could
+# stop it: exponential backtracking would hang the run outside every deadline.
+REGEX_SECONDS = 5.0
 
 
 def evaluate(case: Case, gen: Generation) -> list[str]:
@@ -28,7 +34,13 @@ def evaluate(case: Case, gen: Generation) -> list[str]:
         reasons.append(f"too short: {len(ids)} new tokens, expected at least {expect.min_new_tokens}")
     reasons += [f"missing expected text {t!r}" for t in expect.contains if t not in gen.text]
     reasons += [f"contains forbidden text {t!r}" for t in expect.not_contains if t in gen.text]
-    reasons += [f"no match for regex {p!r}" for p in expect.regex if re.search(p, gen.text) is None]
+    for pattern in expect.regex:
+        matched = search_within(pattern, gen.text, REGEX_SECONDS)
+        if matched is None:
+            reasons.append(f"regex {pattern!r} took longer than {REGEX_SECONDS:g} s on the output and was stopped "
+                           "(nested repetition such as (a+)+ backtracks exponentially: rewrite it)")
+        elif not matched:
+            reasons.append(f"no match for regex {pattern!r}")
     if expect.equals is not None and gen.text.strip() != expect.equals.strip():
         got = gen.text.strip()
         shown = got if len(got) <= _SHOWN_CHARS else got[:_SHOWN_CHARS] + "..."
@@ -65,3 +77,28 @@ def repeated_ngram(ids: Sequence[int], n: int) -> tuple[tuple[int, ...], int] | 
     # most_common(1) is max() over insertion order: among equal counts the earliest n-gram wins.
     gram, count = counts.most_common(1)[0]
     return gram, count
+
+
+def search_within(pattern: str, text: str, seconds: float) -> bool | None:
+    """Whether `pattern` matches somewhere in `text`, or None when the search ran past `seconds`.
+
+    The search runs in a forked child (a regex cannot be interrupted in-process) that answers
+    through a pipe and is killed at the deadline."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer, and leave without running any of the parent's cleanup
+        try:
+            os.close(read_end)
+            os.write(write_end, b"1" if re.search(pattern, text) is not None else b"0")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], seconds)
+        answer = os.read(read_end, 1) if ready else b""
+    finally:
+        os.close(read_end)
+        if not answer:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return None if not answer else answer == b"1"

@@ -119,6 +119,9 @@ def write_text(text: str, path: Path) -> None:
 
 
 def append_text(text: str, path: Path) -> None:
+    """Append to a regular file (or a new one): a FIFO would block, a device would be written."""
+    if path.exists() and not path.is_file():
+        raise OSError(f"{path} is not a regular file")
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(text)
 

@@ -120,20 +120,35 @@ def _read_exactly(fh: BinaryIO, count: int) -> bytes:
     return b"".join(chunks)
 
 
+# More dimensions than any tensor library supports (torch: 64).
+MAX_DIMS = 64
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value for a message, cut short (a hostile header's values can be megabytes)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's digit limit
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _tensor_info(name: str, entry: Any) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise HeaderError(f"entry for tensor {name!r} is not an object")
+        raise HeaderError(f"entry for tensor {_shown(name)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
-        raise HeaderError(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HeaderError(f"tensor {name!r} has invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise HeaderError(f"tensor {_shown(name)} has unknown dtype {_shown(dtype)}")
+    # The format's own reader takes at most 64-bit sizes; past that a product is astronomic.
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(isinstance(d, int) and 0 <= d < 2**64 for d in shape)):
+        raise HeaderError(f"tensor {_shown(name)} has invalid shape {_shown(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            or not all(isinstance(o, int) and 0 <= o < 2**64 for o in offsets) or not offsets[0] <= offsets[1]):
+        raise HeaderError(f"tensor {_shown(name)} has invalid data_offsets {_shown(offsets)}")
     expected = -(-math.prod(shape) * DTYPE_BITS[dtype] // 8)
     if offsets[1] - offsets[0] != expected:
         raise HeaderError(
-            f"tensor {name!r}: {dtype}{shape} needs {expected} bytes but data_offsets span "
+            f"tensor {_shown(name)}: {dtype}{shape} needs {expected} bytes but data_offsets span "
             f"{offsets[1] - offsets[0]}")
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])

@@ -255,6 +255,19 @@ def parse_bool(raw: str, where: str) -> bool:
     raise SettingsError(f"{where}: {raw!r} is not a boolean (use one of 1/0, true/false, yes/no, on/off)")
 
 
+def _path(text: str, relative_to: Path, where: str) -> Path:
+    """The absolute path `text` names, probed once, so that a name no file system takes (a
+    symlink loop, an unknown ~user, a name too long, a NUL byte) is a usage error here."""
+    shown = repr(text if len(text) <= 80 else text[:80] + "...")
+    try:
+        path = (relative_to / Path(text).expanduser()).resolve()
+        path.exists()
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SettingsError(f"{where}: {shown} cannot be used as a path: {reason}") from None
+    return path
+
+
 def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> object:
     """Turn a raw value from one source into the option's type; errors name the source."""
     if spec.kind == "bool":
@@ -263,11 +276,11 @@ def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> ob
         text = str(raw).strip()
         if not text:
             raise SettingsError(f"{where}: empty path")
-        return (relative_to / Path(text).expanduser()).resolve()
+        return _path(text, relative_to, where)
     items = [str(p) for p in raw] if isinstance(raw, (list, tuple)) else None
     if spec.kind == "paths":
         parts = items if items is not None else str(raw).split(os.pathsep)
-        return tuple((relative_to / Path(p.strip()).expanduser()).resolve() for p in parts if p.strip())
+        return tuple(_path(p.strip(), relative_to, where) for p in parts if p.strip())
     if spec.kind == "names":
         parts = items if items is not None else [str(raw)]
         return tuple(n.strip() for p in parts for n in p.split(",") if n.strip())
@@ -375,14 +388,16 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> No
             raise SettingsError(f"{flag}: {path} is not a directory (give the checkpoint directory)")
         if not _entries(flag, path):
             raise SettingsError(f"{flag}: {path} is empty (no config.json, no weights)")
-    checkpoints = [p for p in (settings.model, settings.base, *settings.adapters, *settings.stages) if p is not None]
     for dest in ("report", "report_md"):
         report: Path | None = getattr(settings, dest)
         if report is None:
             continue
         if report.is_dir():
             raise SettingsError(f"{given[dest]}: {report} is a directory; give the report's file path")
-        inside = next((c for c in checkpoints if report.resolve().is_relative_to(c.resolve())), None)
+        if report.exists() and not report.is_file():
+            raise SettingsError(f"{given[dest]}: {report} is not a regular file (a device or a FIFO); a report "
+                                "would replace it: give a file path")
+        inside = checkpoint_holding(settings, report)
         if inside is not None:
             raise SettingsError(f"{given[dest]}: {report} lies inside the checkpoint directory {inside}; a report "
                                 "there could replace the checkpoint's own files: write it elsewhere")
@@ -392,6 +407,13 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> No
         raise SettingsError("--llm-bisect needs --llm-base and the --llm-adapter chain to bisect")
     if settings.base is None and settings.adapters:
         raise SettingsError("--llm-adapter needs --llm-base: adapters are applied to the base model")
+
+
+def checkpoint_holding(settings: Settings, path: Path) -> Path | None:
+    """The checkpoint or adapter directory of the run that `path` lies in, if any: no report
+    may be written there (it could replace the checkpoint's own files)."""
+    checkpoints = [p for p in (settings.model, settings.base, *settings.adapters, *settings.stages) if p is not None]
+    return next((c for c in checkpoints if path.resolve().is_relative_to(c.resolve())), None)
 
 
 def vllm_kwargs(settings: Settings) -> dict[str, object]:

@@ -6,6 +6,7 @@ numbers.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -32,8 +33,8 @@ def read_yaml(text: str) -> tuple[Any, yaml.Node | None]:
         node = loader.get_single_node()
         expanded = _expanded_size(node) if node is not None else 0
         if expanded > MAX_EXPANDED_NODES:
-            raise YamlRefused(f"<root>: YAML aliases expand to more than {MAX_EXPANDED_NODES} values; "
-                             "a suite is refused before it is expanded")
+            raise YamlRefused(f"<root>: the document holds more than {MAX_EXPANDED_NODES} values (YAML aliases "
+                              "expanded); it is refused before it is built")
         data = None if node is None else loader.construct_document(node)
     except RecursionError:
         raise YamlRefused("<root>: invalid YAML: nested deeper than the parser allows") from None
@@ -111,7 +112,7 @@ def node_problems(root: yaml.Node | None) -> list[str]:
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 walk(item, path + (i,), stack)
-        elif node.tag == "tag:yaml.org,2002:float" and _NON_FINITE.match(str(node.value)):
+        elif node.tag == "tag:yaml.org,2002:float" and not _finite(str(node.value)):
             # JSON Schema's number accepts nan and inf; no option of a case means anything then.
             problems.append(f"{json_path(path)}: {node.value} is not a finite number "
                             f"(line {node.start_mark.line + 1})")
@@ -119,6 +120,16 @@ def node_problems(root: yaml.Node | None) -> list[str]:
     if root is not None:
         walk(root, (), frozenset())
     return problems
+
+
+def _finite(text: str) -> bool:
+    """Whether a YAML float is finite: .inf and .nan, and also 1.0e+400, which overflows to inf."""
+    if _NON_FINITE.match(text):
+        return False
+    try:
+        return math.isfinite(float(text.replace("_", "")))
+    except ValueError:
+        return True  # a float the loader itself will refuse, with its own message
 
 
 def json_path(parts: Iterable[str | int]) -> str:

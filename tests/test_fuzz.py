@@ -80,6 +80,9 @@ def test_any_bytes_give_a_header_or_a_header_error(raw: bytes) -> None:
 @example(header=DEEP, data=b"")
 @example(header=f'{{"a": {{"dtype": "F32", "shape": [{HUGE_INT}], "data_offsets": [0, 4]}}}}', data=b"\0" * 4)
 @example(header={"a": {"dtype": "F4", "shape": [2**1100], "data_offsets": [0, 4]}}, data=b"")
+@example(header={"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, data=b"\0" * 4)
+@example(header={"a": {"dtype": "F32", "shape": [10**2200, 10**2200], "data_offsets": [0, 4]}}, data=b"")
+@example(header={"a": {"dtype": "F32", "shape": [2] * 200_000, "data_offsets": [0, 4]}}, data=b"")
 def test_any_json_header_gives_a_header_or_a_header_error(header: Any, data: bytes) -> None:
     raw = header.encode() if isinstance(header, str) else json.dumps(header).encode()
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +165,16 @@ def test_a_single_call_asking_for_a_huge_value_is_refused_before_it_runs(templat
     with pytest.raises(chat_template.TemplateBudgetExceeded, match="a size of 999999999 is larger"):
         chat_template.render(template, [{"role": "user", "content": "hi"}], add_generation_prompt=True,
                              special_tokens={})
+
+
+@pytest.mark.parametrize("template", [
+    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = [ns.s, ns.s] %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s=['x']) %}{% for i in range(60) %}{% set ns.s = {'a': ns.s, 'b': ns.s} %}{% endfor %}"
+    "{{ ns.s | tojson }}"])
+def test_a_value_that_shares_itself_is_measured_as_written_out(template: str) -> None:
+    """A list of two that holds itself twice, sixty times over, prints as 2**60 items in one C call."""
+    with pytest.raises(chat_template.TemplateBudgetExceeded, match="a value of more than"):
+        chat_template.render(template, [], add_generation_prompt=False, special_tokens={})
 
 
 def test_formatting_of_ordinary_size_renders_as_jinja_does() -> None:

@@ -122,3 +122,17 @@ def test_a_report_that_cannot_be_written_keeps_the_verdict_and_the_summary(
     result.stdout.fnmatch_lines(["*Markdown report written to *report.md"])
     assert (pytester.path / "report.md").is_file()
     assert not list(pytester.path.glob(".*.tmp"))
+
+
+def test_the_step_summary_is_never_appended_to_a_fifo_or_device(tmp_path: Path) -> None:
+    """GITHUB_STEP_SUMMARY pointing at a FIFO hung the end of the run (an open for append blocks)."""
+    import os
+
+    from pytest_llmmerge.report import append_text
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="is not a regular file"):
+        append_text("x", tmp_path / "fifo")
+    append_text("a", tmp_path / "new.md")
+    append_text("b", tmp_path / "new.md")
+    assert (tmp_path / "new.md").read_text() == "ab"

@@ -184,3 +184,21 @@ def test_an_unreadable_directory_is_a_usage_error(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(SettingsError, match=r"environment variable LLMMERGE_MODEL: .*m cannot be read: Permission"):
         resolve(tmp_path, env={"LLMMERGE_MODEL": str(tmp_path / "m")})
+
+
+@pytest.mark.parametrize("name", ["loop", "~no-such-user-here/x", "a" * 300, "nul\0byte"])
+def test_a_path_no_file_system_takes_is_a_usage_error(tmp_path: Path, name: str) -> None:
+    """A symlink loop, an unknown ~user, a name too long, a NUL byte: usage errors, not INTERNALERROR."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "loop").symlink_to(tmp_path / "cwd" / "loop")
+    with pytest.raises(SettingsError, match="^environment variable LLMMERGE_MODEL: .* cannot be used as a path"):
+        resolve(tmp_path, env={"LLMMERGE_MODEL": name})
+
+
+def test_a_report_onto_a_device_or_fifo_is_refused(tmp_path: Path) -> None:
+    """As root, --llm-report=/dev/null replaced the device with a JSON file."""
+    make_dirs(tmp_path, "m")
+    os.mkfifo(tmp_path / "fifo")
+    for target in (Path(os.devnull), tmp_path / "fifo"):
+        with pytest.raises(SettingsError, match="is not a regular file .* a report would replace it"):
+            resolve(tmp_path, cli={"model": str(tmp_path / "m"), "report": str(target)})

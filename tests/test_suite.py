@@ -200,7 +200,7 @@ def test_a_yaml_bomb_beside_the_suites_is_not_expanded_to_tell_whether_it_is_one
     bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "cases: [*i]\n"
     assert looks_like_suite(write(in_tmp, bomb, "bomb.yaml"))  # a suite to report, refused at load
-    with pytest.raises(SuiteError, match="aliases expand to more than"):
+    with pytest.raises(SuiteError, match=r"more than 200000 values \(YAML aliases expanded\)"):
         load_suite(in_tmp / "bomb.yaml")
 
 
@@ -327,3 +327,18 @@ def test_repeated_ngram_edges() -> None:
     assert repeated_ngram([1, 2, 3], 1) == ((1,), 1)  # ties go to the first n-gram seen
     with pytest.raises(ValueError):
         repeated_ngram([1], 0)
+
+
+def test_a_regex_that_backtracks_forever_is_stopped_and_named() -> None:
+    """(a+)+$ on forty a's and a '!' would run for hours in pytest's own process."""
+    from pytest_llmmerge import expectations
+
+    backtracking = case(expect={"regex": (r"(a+)+$", r"a")})
+    original = expectations.REGEX_SECONDS
+    expectations.REGEX_SECONDS = 0.5
+    try:
+        reasons = evaluate(backtracking, gen("a" * 40 + "!"))
+    finally:
+        expectations.REGEX_SECONDS = original
+    assert reasons == ["regex '(a+)+$' took longer than 0.5 s on the output and was stopped (nested repetition "
+                       "such as (a+)+ backtracks exponentially: rewrite it)"]

@@ -43,6 +43,7 @@ class SuiteFile(pytest.File):
         self.run = run
 
     def collect(self) -> Iterator[CaseItem]:
+        self.run.suite_files.append(self.path)
         try:
             suite = load_suite(self.path)
         except SuiteError as exc:

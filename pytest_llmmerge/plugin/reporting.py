@@ -12,6 +12,7 @@ import pytest
 
 from .. import report
 from ..report import record, terminal_lines
+from ..settings import checkpoint_holding
 
 if TYPE_CHECKING:
     from .run import LlmMergeRun
@@ -86,6 +87,10 @@ class Reporting:
             if summary:
                 writes.append(("GitHub step summary", Path(summary), lambda path: report.append_text(text, path)))
         for what, path, write in writes:
+            holder = checkpoint_holding(settings, path)
+            if holder is not None:
+                self.write_errors.append(f"{what} NOT written to {path}: it lies inside the checkpoint {holder}")
+                continue
             try:
                 write(path)
             except OSError as exc:

@@ -58,6 +58,7 @@ class LlmMergeRun:
         self.settings = settings
         self.suite_errors: list[str] = []
         self.corpora: list[str] = []  # texts the suites add to the parity corpus
+        self.suite_files: list[Path] = []
         self._temp_dirs: list[Path] = []
         self._context: Any = None
         self._sigterm: Any = None
@@ -278,7 +279,9 @@ class LlmMergeRun:
         path = settings.model or settings.base or self.config.rootpath
         items[:0] = [item for group in groups for item in _generated(CheckGroup.from_parent(
             session, name=group, nodeid=group, group=group, path=path, run=self))]
-        if not any(isinstance(item, CaseItem) for item in items):
+        # The built-in suite runs only when no suite was given: a suite whose cases all name
+        # backends this run does not use still replaces it.
+        if not self.suite_files and not any(isinstance(item, CaseItem) for item in items):
             items.extend(_generated(DefaultSuite.from_parent(session, name="default-suite", nodeid="default-suite",
                                                              suite=default_suite(), run=self)))
         items.extend(_generated(ParityChecks.from_parent(session, name="parity", nodeid="parity", run=self)))
