@@ -193,10 +193,10 @@ def _locked(path: Path, timeout_s: float = LOCK_TIMEOUT_S, progress: Progress | 
                 holder = fh.read().strip() or "another process"
                 if time.monotonic() > deadline:
                     raise LockTimeout(f"{path} is still held by {holder} after {timeout_s:g} s: another build of "
-                                      "the same merge is running or hung; stop it or remove nothing and retry "
-                                      "later") from None
+                                      "the same output is running or hung: stop that process, or wait for it "
+                                      "and retry") from None
                 if progress is not None and not told:
-                    progress(f"waiting for {holder}, which is building the same merge ({path.name})")
+                    progress(f"waiting for {holder}, which is building the same output ({path.name})")
                     told = True
                 time.sleep(0.5)
         try:

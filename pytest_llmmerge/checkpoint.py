@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .model_config import CONFIG_KEYS_IGNORED, rope_parameters
+from .model_config import CONFIG_DTYPE_KEYS, CONFIG_KEYS_IGNORED, rope_parameters
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo, read_safetensors_header
 from .text_files import read_text
 
@@ -34,8 +34,6 @@ CHAT_TEMPLATE_JSON = "chat_template.json"
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 # The names transformers looks for, in that order: a single file wins over an index.
 WEIGHTS_FILE = "model.safetensors"
-# Where config.json names the dtype: transformers 5 writes "dtype", 4.x wrote "torch_dtype".
-CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")

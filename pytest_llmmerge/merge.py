@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import build_once
+from .atomic import Progress, build_once
 from .checkpoint import (
     ADAPTER_CONFIG,
     CHAT_TEMPLATE_JINJA,
     CHAT_TEMPLATE_JSON,
     CONFIG,
-    CONFIG_DTYPE_KEYS,
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
@@ -42,6 +41,7 @@ from .checkpoint import (
     Checkpoint,
     is_lora_key,
 )
+from .model_config import CONFIG_DTYPE_KEYS
 
 # Bump when the output for the same inputs would change (a fix in how we merge or write):
 # every cached merge is then rebuilt instead of silently reused.
@@ -52,7 +52,6 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TE
                    CHAT_TEMPLATE_JSON, "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 DEFAULT_SHARD_SIZE = "5GB"
 
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

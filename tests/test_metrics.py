@@ -61,9 +61,6 @@ class Scripted:
     def generate_all(self, key: object, requests: object, deadline_s: float) -> list[object]:
         raise AssertionError("not used")
 
-    def same_model(self, a: object, b: object) -> bool:
-        return a == b
-
 
 def test_reference_comparison_uses_bits_per_byte_when_tokenizers_differ() -> None:
     from types import SimpleNamespace

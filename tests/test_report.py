@@ -83,6 +83,7 @@ def test_reports_junit_and_summary(pytester: pytest.Pytester, monkeypatch: pytes
     assert props[("stops[merged-hf]", "finish_reason")] == "stop"
     assert props[("merged-vs-reference[hf]", "merged")] == "nan"
     assert "WGT013" in {name for _, name in props}
+    assert report.FINDINGS not in {name for _, name in props}  # findings reach the JSON on the report instead
 
     result.stdout.fnmatch_lines(["*= llmmerge summary =*", "suite cases * passed failed  stopped at eos *",
                                  "merged-hf * 2 * 1 * 3/3 *", "parity::merged-vs-reference[[]hf[]] * failed *",

@@ -14,6 +14,7 @@ from ..checkpoint import (
     CONFIG,
     GENERATION_CONFIG,
     SPECIAL_TOKEN_KEYS,
+    SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     TOKENIZER_MODEL_FILES,
@@ -245,11 +246,25 @@ def _tokenizer_problems(ckpt: Checkpoint) -> list[str]:
         problems.append(f"no tokenizer model file (one of {', '.join(TOKENIZER_MODEL_FILES)})")
     if not ckpt.has(TOKENIZER_CONFIG):
         problems.append("tokenizer_config.json is missing")
-    for name in (TOKENIZER_JSON, TOKENIZER_CONFIG):
+    for name in (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+        if not ckpt.has(name) and (ckpt.path / name).exists():
+            problems.append(f"{name} is not a regular file")
         error = ckpt.json(name).error
         if error:
             problems.append(f"{name} {error}")
+        elif ckpt.has(name) and not isinstance(ckpt.json(name).value, dict):
+            problems.append(f"{name} is not a JSON object")
+    for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
+        found = ckpt.json_object(name)
+        bad = [k for k in SPECIAL_TOKEN_KEYS if k in found and not _token_like(found[k])]
+        if bad:
+            problems.append(f"{name}: {', '.join(bad[:5])} is not a token (a string or an object with a string "
+                            "content): the tokenizer does not load")
     return problems
+
+
+def _token_like(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("content"), str))
 
 
 def check_tokenizer(ctx: Context) -> list[Finding]:

@@ -73,6 +73,10 @@ def _check_index(model: Checkpoint, index: str, shards: list[str]) -> list[Findi
     if weight_map is None:
         reason = model.json(index).error or "has no weight_map object"
         return [Finding("WGT005", "error", f"index {reason}", index)]
+    metadata = model.json_object(index).get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        findings.append(Finding("WGT005", "error", f"index's metadata is not an object ({type(metadata).__name__}): "
+                                "transformers fails to load the checkpoint", index))
     if not weight_map:
         return [Finding("WGT020", "error", f"{index} maps no tensor: loaders read no weights from this "
                         "checkpoint and initialise the model at random", index)]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .options import add_markers, add_options
+from .options import add_options
 from .run import LlmMergeRun
 
 
@@ -24,7 +24,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Markers, then the run: settings resolved once (CLI > env > ini), a bad value a usage error."""
-    add_markers(config)
     LlmMergeRun.start(config)
 
 
@@ -48,6 +47,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                                   items: list[pytest.Item]) -> None:
     """Add the checkpoint's items and order them so each worker loads its model once."""
     LlmMergeRun.of(config).add_items(session, items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A check item's findings travel on its report to the reports (across xdist too)."""
+    report = yield
+    LlmMergeRun.carry_findings(item, report)
+    return report
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -81,6 +88,4 @@ def llm_variant(request: pytest.FixtureRequest) -> Any:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """llm_variant runs once per variant the run has."""
-    if "llm_variant" in metafunc.fixturenames:
-        names = LlmMergeRun.of(metafunc.config).fixture_variants()
-        metafunc.parametrize("llm_variant", names, indirect=True, scope="session")
+    LlmMergeRun.of(metafunc.config).parametrize_variants(metafunc)

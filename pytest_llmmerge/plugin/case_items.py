@@ -199,7 +199,7 @@ class CaseItem(pytest.Item):
         except Exception as exc:  # a variant that cannot load must not hide the case's own failure
             return None, [f"attribution could not finish: {type(exc).__name__}: {exc}"]
         finally:
-            self.run.keep_only(keep)
+            self.run.the_runner.keep_only(keep)
         self.user_properties += [("attribution", verdict), ("attribution_detail", "; ".join(lines))]
         return verdict, lines[:1] + ["  " + line for line in lines[1:]]
 

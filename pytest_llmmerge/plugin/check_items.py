@@ -11,7 +11,6 @@ import pytest
 
 from ..checks import checks_of
 from ..checks.base import IntegrityWarning, run_check
-from ..report import FINDINGS
 from ..variants import BuildFailed
 
 if TYPE_CHECKING:
@@ -47,6 +46,7 @@ class CheckItem(pytest.Item):
         self.check = check
         self.run = run
         self.worker_keys: tuple[tuple[str, str], ...] = ()  # reads files only, needs no model
+        self.findings: list[dict[str, str]] = []
         self.add_marker("llmmerge")
         self.add_marker(f"llmmerge_{check.group}")
 
@@ -54,8 +54,7 @@ class CheckItem(pytest.Item):
         context = self.run.check_context()
         outcome = run_check(self.check, context)
         self.user_properties.extend((f.code, f.render()) for f in outcome.findings)
-        if outcome.findings:
-            self.user_properties.append((FINDINGS, [dataclasses.asdict(f) for f in outcome.findings]))
+        self.findings = [dataclasses.asdict(f) for f in outcome.findings]  # onto the report: see LlmMergeRun
         if self.check.figures is not None:  # tables the check computed: JUnit XML and the reports
             self.user_properties.extend(self.check.figures(context))
         if outcome.skipped is not None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .. import report
-from ..report import record, terminal_lines
+from ..report import FINDINGS, record, terminal_lines
 from ..settings import checkpoint_holding
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ class Reporting:
             report.nodeid, kind, outcome, report.duration,
             [(k, v) for k, v in report.user_properties if k not in given],
             variant=str(given["variant"]) if "variant" in given else None,
-            backend=str(given["backend"]) if "backend" in given else None, message=message)
+            backend=str(given["backend"]) if "backend" in given else None, message=message,
+            findings=getattr(report, FINDINGS, ()))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:

@@ -18,7 +18,6 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,18 @@ import pytest
 from ..atomic import remove_dead_builds
 from ..backends import resolve_spec, unavailable
 from ..checkpoint import Checkpoint
+from ..checks import GROUPS
 from ..checks.base import Context
 from ..handles import VariantHandle
-from ..report import versions
+from ..report import FINDINGS, versions
 from ..runner import Runner
 from ..settings import OPTIONS, Settings, SettingsError, describe, resolve_settings, vllm_kwargs
 from ..suite import default_suite, looks_like_suite
-from ..variants import MERGED, Chain, VariantUnavailable
+from ..variants import ADAPTER, MERGED, REFERENCE, Chain, VariantUnavailable
 from .case_items import CaseItem, DefaultSuite, SuiteFile
 from .check_items import CheckGroup
 from .compare_items import AgreementChecks, ComparisonItem, ParityChecks
+from .options import add_markers
 from .reporting import Reporting
 
 RUN_MARK = ".llmmerge-run"  # "<host> <pid>" in each temp dir of a run
@@ -45,7 +46,6 @@ _RUN_DIR = re.compile(r"^llmmerge-(workers|merges)-(?P<pid>\d+)-")
 # plugin keeps itself (model loads, calls, cases), so it only ends an item stuck in a way no
 # deadline covers.
 OUTER_GUARD_MARGIN_S = 3600.0
-VARIANT_NAMES = ("reference", "adapter", "merged")
 
 
 class LlmMergeRun:
@@ -70,6 +70,7 @@ class LlmMergeRun:
     def start(cls, config: pytest.Config) -> LlmMergeRun:
         """Resolve the settings (a bad one is a usage error naming its source) and, when the
         plugin is on, make the chain and the runner (cheap: nothing loads until an item asks)."""
+        add_markers(config)
         ini_dir = config.inipath.parent if config.inipath else config.rootpath
         try:
             settings = resolve_settings(
@@ -234,13 +235,13 @@ class LlmMergeRun:
         except VariantUnavailable as exc:
             pytest.skip(f"variant {variant!r}: {exc}")
 
-    def fixture_variants(self) -> list[str]:
-        """Variant names for llm_variant, without building anything (collection stays cheap)."""
-        if not self.enabled:
-            return list(VARIANT_NAMES)
-        settings = self.settings
-        return [n for n in VARIANT_NAMES if n == "merged" or (settings.base is not None and
-                                                              (n == "reference" or settings.adapters))]
+    def parametrize_variants(self, metafunc: pytest.Metafunc) -> None:
+        """llm_variant over the variants this run can give (every name when the plugin is off,
+        so that each test skips with the reason)."""
+        if "llm_variant" in metafunc.fixturenames:
+            names = self.the_chain.available() if self.enabled else [REFERENCE, ADAPTER, MERGED]
+            metafunc.parametrize("llm_variant", [n for n in (REFERENCE, ADAPTER, MERGED) if n in names],
+                                 indirect=True, scope="session")
 
     # -- collection and schedule ------------------------------------------------------------------
     def report_header(self) -> list[str] | None:
@@ -275,7 +276,7 @@ class LlmMergeRun:
         if self.suite_errors:
             raise pytest.UsageError("pytest-llmmerge: invalid suite\n" + "\n".join(self.suite_errors))
         settings = self.settings
-        groups = ("integrity", "weights", "audit") if settings.audit_merge else ("integrity", "weights")
+        groups = [group for group in GROUPS if group != "audit" or settings.audit_merge]
         path = settings.model or settings.base or self.config.rootpath
         items[:0] = [item for group in groups for item in _generated(CheckGroup.from_parent(
             session, name=group, nodeid=group, group=group, path=path, run=self))]
@@ -325,8 +326,13 @@ class LlmMergeRun:
         if needed is not None:
             self.runner.keep_only(needed)
 
-    def keep_only(self, keys: Iterable[Any]) -> None:
-        self.the_runner.keep_only(keys)
+    @staticmethod
+    def carry_findings(item: pytest.Item, report: pytest.TestReport) -> None:
+        """A check item's findings ride on its report (plain dicts: pytest-xdist carries a
+        report's attributes to the controller), not as a user property JUnit XML would print."""
+        findings = getattr(item, "findings", None)
+        if findings:
+            setattr(report, FINDINGS, findings)
 
 
 def _generated(collector: pytest.Collector) -> list[pytest.Item]:
