@@ -44,6 +44,10 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHT_STEM = ADAPTER_WEIGHTS.removesuffix(".safetensors")
+# peft's LoraConfig defaults, for an adapter_config.json that leaves r or lora_alpha out.
+LORA_DEFAULT_RANK = 8
+LORA_DEFAULT_ALPHA = 8
 # Tensor-name parts only peft writes: the LoRA factors, DoRA's magnitude, and the wrappers it puts
 # around what it adapts.  In a merged checkpoint any of them means an adapter was saved, not merged.
 _LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector|base_layer|"
@@ -73,6 +77,16 @@ class JsonFile:
     @property
     def ok(self) -> bool:
         return self.exists and self.error is None
+
+
+def adapter_config(adapter: Path) -> dict[str, Any]:
+    """An adapter's adapter_config.json as an object; ValueError naming the file when it is
+    missing, unreadable or not an object."""
+    found = Checkpoint(adapter).json(ADAPTER_CONFIG)
+    if not found.exists or found.error or not isinstance(found.value, dict):
+        why = found.error or ("is missing" if not found.exists else "is not a JSON object")
+        raise ValueError(f"{adapter / ADAPTER_CONFIG} {why}")
+    return found.value
 
 
 def is_lora_key(name: str) -> bool:
@@ -316,7 +330,7 @@ class Checkpoint:
         """The safetensors index of the model: model.safetensors.index.json, else the first other."""
         if self.has(WEIGHTS_INDEX):
             return WEIGHTS_INDEX
-        others = [n for n in self.index_files if not n.startswith("adapter_model")]
+        others = [n for n in self.index_files if not n.startswith(ADAPTER_WEIGHT_STEM)]
         return others[0] if others else None
 
     def index_weight_map(self) -> dict[str, str] | None:
@@ -377,7 +391,7 @@ class Checkpoint:
 
     def model_weight_files(self) -> list[str]:
         """The safetensors files that hold the model (adapter files excluded)."""
-        return [n for n in self.safetensors_files if not n.startswith("adapter_model")]
+        return [n for n in self.safetensors_files if not n.startswith(ADAPTER_WEIGHT_STEM)]
 
     def tensor_shapes(self) -> dict[str, TensorInfo]:
         """Every tensor the loader reads whose header could be read; tensors in broken shards are absent."""

@@ -19,7 +19,6 @@ judges the figures is :mod:`.checks.audit`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, lora_factor
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DEFAULT_ALPHA, LORA_DEFAULT_RANK, Checkpoint, adapter_config, lora_factor
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 from .tensor_scan import CHUNK_ELEMENTS, TensorReader, locations, read_whole
 
@@ -112,9 +111,9 @@ def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
 
     config_path = adapter / ADAPTER_CONFIG
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AuditError(f"{config_path}: {exc}") from None
+        config = adapter_config(adapter)
+    except ValueError as exc:
+        raise AuditError(str(exc)) from None
     if config.get("peft_type") != "LORA":
         raise AuditError(f"{config_path}: peft_type {config.get('peft_type')!r} is not audited (LoRA only)")
     if config.get("use_dora"):
@@ -126,7 +125,8 @@ def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
     header = ckpt.header(ADAPTER_WEIGHTS)
     if isinstance(header, HeaderError):
         raise AuditError(f"{adapter / ADAPTER_WEIGHTS}: {header}")
-    alpha, rank = float(config.get("lora_alpha") or 8), float(config.get("r") or 8)
+    alpha = float(config.get("lora_alpha") or LORA_DEFAULT_ALPHA)
+    rank = float(config.get("r") or LORA_DEFAULT_RANK)
     pairs: dict[str, dict[str, str]] = {}
     skipped: list[str] = []
     for key in header.tensors:

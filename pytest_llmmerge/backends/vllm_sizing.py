@@ -3,12 +3,11 @@ on CPU, a KV cache sized for the model instead of a fraction of the machine's me
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import ADAPTER_CONFIG
+from ..checkpoint import LORA_DEFAULT_RANK, adapter_config
 
 # LoRA ranks vLLM 0.32 accepts for `max_lora_rank` (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -20,12 +19,10 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 def lora_rank_limit(adapter: str | os.PathLike[str]) -> int:
     """The `max_lora_rank` vLLM needs for an adapter: its largest rank, rounded up to a value
     vLLM accepts."""
-    path = Path(adapter) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the LoRA adapter config {path}: {exc}") from exc
-    ranks = [int(config.get("r") or 8)] + [int(r) for r in (config.get("rank_pattern") or {}).values()]
+    config = adapter_config(Path(adapter))
+    pattern = config.get("rank_pattern")
+    ranks = [int(config.get("r") or LORA_DEFAULT_RANK)] + [int(r) for r in
+                                                           (pattern.values() if isinstance(pattern, dict) else ())]
     rank = max(ranks)
     for allowed in LORA_RANKS:
         if allowed >= rank:

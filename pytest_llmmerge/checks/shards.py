@@ -14,6 +14,7 @@ from ..checkpoint import (
     LM_HEAD_SUFFIXES,
     SAFETENSORS_INDEX_SUFFIX,
     WEIGHTS_FILE,
+    WEIGHTS_INDEX,
     Checkpoint,
     is_lora_key,
     shard_name_parts,
@@ -38,16 +39,16 @@ def check_weight_files(ctx: Context) -> list[Finding]:
             findings.append(Finding("WGT020", "error", f"{WEIGHTS_FILE} lies beside {index}: transformers loads "
                                     f"{WEIGHTS_FILE}, vLLM the shards the index names, so the two serve different "
                                     "weights. Fix: remove whichever is left from an earlier save", index))
-        findings += _strays(model, "transformers reads model.safetensors")
+        findings += _strays(model, f"transformers reads {WEIGHTS_FILE}")
     elif index is not None:
         findings += _check_index(model, index, shards)
     elif len(shards) > 1:
         findings.append(Finding("WGT004", "error", f"{len(shards)} safetensors files ({', '.join(shards[:4])}"
-                                f"{', ...' if len(shards) > 4 else ''}) but no model.safetensors.index.json: "
+                                f"{', ...' if len(shards) > 4 else ''}) but no {WEIGHTS_INDEX}: "
                                 "loaders find no weights. This is what an interrupted merge leaves", shards[0]))
     elif shards[0] != WEIGHTS_FILE:
         findings.append(Finding("WGT004", "error", f"single weight file {shards[0]} without an index: loaders "
-                                "look for model.safetensors", shards[0]))
+                                f"look for {WEIGHTS_FILE}", shards[0]))
     for name in model.loaded_weight_files():
         header = model.header(name)
         if isinstance(header, HeaderError):
