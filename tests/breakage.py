@@ -188,6 +188,13 @@ def header_metadata_not_strings(ckpt: Path) -> None:
     shard.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
 
 
+def index_renamed(ckpt: Path) -> None:
+    """The index saved under another name: transformers looks for model.safetensors.index.json only."""
+    index = _index(ckpt)
+    assert index is not None
+    index.rename(ckpt / "weights.safetensors.index.json")
+
+
 def config_missing(ckpt: Path) -> None:
     (ckpt / "config.json").unlink()
 
@@ -434,6 +441,7 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "special_token_not_a_token": (special_token_not_a_token, {"TOK001"}, {"TOK001"}),
     "index_metadata_not_an_object": (index_metadata_not_an_object, {"WGT005"}, {"WGT005"}),
     "header_metadata_not_strings": (header_metadata_not_strings, {"WGT005"}, {"WGT005"}),
+    "index_renamed": (index_renamed, {"WGT004"}, {"WGT004"}),
     "config_missing": (config_missing, {"CFG001"}, {"CFG001"}),
     "model_type_changed": (model_type_changed, {"CFG002"}, set()),
     "vocab_size_changed": (vocab_size_changed, {"CFG004"}, {"CFG004"}),

@@ -55,7 +55,8 @@ CODES: dict[str, tuple[str, str]] = {
     "WGT002": ("the index names a shard file that is missing", "one shard lost or never written"),
     "WGT003": ("warning: a safetensors file no loader reads (not model.safetensors, not named by the index)",
                "a leftover shard from an earlier save, or consolidated.safetensors beside the HF shards"),
-    "WGT004": ("shards not loadable by name: several shards without an index, or a single file not named model.safetensors",
+    "WGT004": ("shards not loadable by name: several shards without an index, a single file not named "
+               "model.safetensors, or an index not named model.safetensors.index.json",
                "mergekit writes model-N.safetensors first and renames and indexes at the end (mergekit #54, #107)"),
     "WGT005": ("safetensors header or index unreadable, or an index that maps no tensor",
                "a corrupted or partially written file"),

@@ -41,6 +41,10 @@ def check_weight_files(ctx: Context) -> list[Finding]:
                                     "weights. Fix: remove whichever is left from an earlier save", index))
         findings += _strays(model, f"transformers reads {WEIGHTS_FILE}")
     elif index is not None:
+        if index != WEIGHTS_INDEX:
+            findings.append(Finding("WGT004", "error", f"the only index is {index}: transformers reads "
+                                    f"{WEIGHTS_INDEX} and finds no weights (vLLM reads every shard). Fix: rename "
+                                    f"it to {WEIGHTS_INDEX}", index))
         findings += _check_index(model, index, shards)
     elif len(shards) > 1:
         findings.append(Finding("WGT004", "error", f"{len(shards)} safetensors files ({', '.join(shards[:4])}"
