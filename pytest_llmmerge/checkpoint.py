@@ -16,35 +16,30 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .file_names import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHT_STEM,
+    CONFIG,
+    GENERATION_CONFIG,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_INDEX_SUFFIX,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX,
+)
 from .model_config import CONFIG_DTYPE_KEYS, CONFIG_KEYS_IGNORED, rope_parameters
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo, read_safetensors_header
 from .text_files import read_text
+from .tokenizer_files import TokenizerFiles
 
 # The largest tokenizer.json of a released model is a few tens of MB; a larger JSON file is a
 # broken or hostile one, reported instead of read into memory.
 MAX_JSON_BYTES = 512 * 1024 * 1024
 
-CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-CHAT_TEMPLATE_JINJA = "chat_template.jinja"
-CHAT_TEMPLATE_JSON = "chat_template.json"
-SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-# The names transformers looks for, in that order: a single file wins over an index.
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_MODEL_FILES = (TOKENIZER_JSON, "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 # Name endings of the input embedding and the output layer across architectures (multimodal
 # checkpoints nest the language model, so whole names do not work).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_WEIGHT_STEM = ADAPTER_WEIGHTS.removesuffix(".safetensors")
 # peft's LoraConfig defaults, for an adapter_config.json that leaves r or lora_alpha out.
 LORA_DEFAULT_RANK = 8
 LORA_DEFAULT_ALPHA = 8
@@ -56,7 +51,6 @@ _LORA_KEY = re.compile(r"(^|\.)(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vec
 # embedding factors as bare parameters, without `.weight`.
 _LORA_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                           r"(?:\.[^.]+)?\.weight$|^(?P<emb_module>.+)\.(?P<emb_kind>lora_embedding_[AB])(?:\.[^.]+)?$")
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 _SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.safetensors$")
 
@@ -123,7 +117,7 @@ def shard_name_parts(name: str) -> tuple[str, int, int] | None:
 
 
 @dataclass
-class Checkpoint:
+class Checkpoint(TokenizerFiles):
     """Lazy, cached view of one checkpoint directory."""
 
     path: Path
@@ -225,90 +219,6 @@ class Checkpoint:
         if rope is not None:
             values["rope"] = rope
         return values, frozenset(derived)
-
-    # --- tokenizer -------------------------------------------------------------------------
-
-    @property
-    def tokenizer_config(self) -> dict[str, Any]:
-        return self.json_object(TOKENIZER_CONFIG)
-
-    @cached_property
-    def token_ids(self) -> dict[str, int]:
-        """Token content -> id from tokenizer.json's vocabulary and added tokens."""
-        tok = self.json_object(TOKENIZER_JSON)
-        ids: dict[str, int] = {}
-        model = tok.get("model")
-        vocab = model.get("vocab") if isinstance(model, dict) else None
-        if isinstance(vocab, dict):
-            ids.update({str(k): int(v) for k, v in vocab.items() if isinstance(v, int)})
-        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], id is the position
-            ids.update({str(item[0]): i for i, item in enumerate(vocab) if isinstance(item, list) and item})
-        for added in self.added_tokens():
-            ids[added["content"]] = added["id"]
-        return ids
-
-    def added_tokens(self) -> list[dict[str, Any]]:
-        """Added tokens as {id, content, special}, from tokenizer.json or tokenizer_config.json."""
-        tok = self.json_object(TOKENIZER_JSON)
-        found: dict[int, dict[str, Any]] = {}
-        listed = tok.get("added_tokens")
-        for entry in listed if isinstance(listed, list) else []:
-            if isinstance(entry, dict) and isinstance(entry.get("id"), int):
-                found[entry["id"]] = {"id": entry["id"], "content": str(entry.get("content")),
-                                      "special": bool(entry.get("special", False))}
-        decoder = self.tokenizer_config.get("added_tokens_decoder")
-        if isinstance(decoder, dict):
-            for key, entry in decoder.items():
-                if isinstance(entry, dict) and str(key).isdigit() and int(key) not in found:
-                    found[int(key)] = {"id": int(key), "content": str(entry.get("content")),
-                                       "special": bool(entry.get("special", False))}
-        return [found[i] for i in sorted(found)]
-
-    def tokenizer_rows_needed(self) -> int | None:
-        """Embedding rows the tokenizer needs (its largest id + 1), None when unknown."""
-        ids = self.token_ids
-        return max(ids.values()) + 1 if ids else None
-
-    def special_tokens(self) -> dict[str, str]:
-        """Role -> token content (bos/eos/unk/pad/..., plus additional ones by position)."""
-        merged: dict[str, Any] = {}
-        for source in (self.json_object(SPECIAL_TOKENS_MAP), self.tokenizer_config):
-            for key in SPECIAL_TOKEN_KEYS:
-                if key in source and source[key] is not None:
-                    merged[key] = source[key]
-            for key in ("additional_special_tokens", "extra_special_tokens"):
-                extra = source.get(key)
-                if isinstance(extra, list) and extra:
-                    merged["additional_special_tokens"] = extra
-                elif isinstance(extra, dict) and extra:
-                    merged.update({f"extra:{k}": v for k, v in extra.items()})
-        out: dict[str, str] = {}
-        for key, value in merged.items():
-            if key == "additional_special_tokens":
-                for i, item in enumerate(value):
-                    out[f"additional_special_tokens[{i}]"] = _token_content(item)
-            else:
-                out[key] = _token_content(value)
-        return out
-
-    def tokenizer_eos(self) -> tuple[str, int | None] | None:
-        """(content, id) of the tokenizer's eos token, None when it declares none."""
-        content = self.special_tokens().get("eos_token")
-        if not content:
-            return None
-        return content, self.token_ids.get(content)
-
-    def chat_template(self) -> tuple[str, str] | None:
-        """(template, file it came from) as the tokenizer loads it: chat_template.jinja wins over
-        tokenizer_config.json.  chat_template.json is read by multimodal processors only, never
-        by AutoTokenizer, so a template only there is no chat template for a language model."""
-        if self.has(CHAT_TEMPLATE_JINJA):
-            try:
-                return (self.path / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8"), CHAT_TEMPLATE_JINJA
-            except (OSError, UnicodeDecodeError):
-                return None
-        template = _pick_template(self.tokenizer_config.get("chat_template"))
-        return (template, TOKENIZER_CONFIG) if template else None
 
     # --- weights ---------------------------------------------------------------------------
 
@@ -435,20 +345,3 @@ def _id_set(value: Any) -> set[int] | None:
 
 def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _token_content(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("content", ""))
-    return str(value)
-
-
-def _pick_template(value: Any) -> str | None:
-    """The default template from a string or a list of named templates."""
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, list):
-        named = {str(t.get("name")): t.get("template") for t in value if isinstance(t, dict)}
-        chosen = named.get("default") or next(iter(named.values()), None)
-        return chosen if isinstance(chosen, str) and chosen.strip() else None
-    return None

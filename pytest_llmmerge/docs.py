@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .checks import ALL_CHECKS
 from .checks.codes import CODES
-from .settings import OPTIONS
+from .option_specs import OPTIONS
 
 
 def _cell(text: str) -> str:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import Progress, build_once
-from .checkpoint import (
+from .checkpoint import Checkpoint, is_lora_key
+from .file_names import (
     ADAPTER_CONFIG,
     CHAT_TEMPLATE_JINJA,
     CHAT_TEMPLATE_JSON,
@@ -38,8 +39,6 @@ from .checkpoint import (
     SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
-    Checkpoint,
-    is_lora_key,
 )
 from .model_config import CONFIG_DTYPE_KEYS
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_DEFAULT_ALPHA, LORA_DEFAULT_RANK, Checkpoint, adapter_config, lora_factor
+from .checkpoint import LORA_DEFAULT_ALPHA, LORA_DEFAULT_RANK, Checkpoint, adapter_config, lora_factor
+from .file_names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 from .tensor_scan import CHUNK_ELEMENTS, TensorReader, locations, read_whole
 

@@ -184,7 +184,8 @@ def suites(rng: random.Random, row: Row) -> None:
 
 
 def option_values(rng: random.Random, row: Row) -> None:
-    from pytest_llmmerge.settings import OPTIONS, SettingsError, resolve_settings
+    from pytest_llmmerge.option_specs import OPTIONS
+    from pytest_llmmerge.settings import SettingsError, resolve_settings
 
     bad = ["nan", "inf", "-inf", "-1", "0", "", "1e999", "1e46", str(10**400), "abc", HUGE_INT]
     numeric = [s for s in OPTIONS if s.kind in ("int", "float")]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import REPO
+
 from pytest_llmmerge.docs import codes_table, options_table
-from pytest_llmmerge.settings import OPTIONS
+from pytest_llmmerge.option_specs import OPTIONS
 
 
 def test_readme_lists_every_option() -> None:

@@ -22,17 +22,11 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from pytest_llmmerge import chat_template
-from pytest_llmmerge.checkpoint import (
-    CONFIG,
-    GENERATION_CONFIG,
-    TOKENIZER_CONFIG,
-    TOKENIZER_JSON,
-    WEIGHTS_INDEX,
-    Checkpoint,
-)
+from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.checks import checks_of
 from pytest_llmmerge.checks.base import Context, run_check
 from pytest_llmmerge.checks.codes import CODES
+from pytest_llmmerge.file_names import CONFIG, GENERATION_CONFIG, TOKENIZER_CONFIG, TOKENIZER_JSON, WEIGHTS_INDEX
 from pytest_llmmerge.safetensors_header import HeaderError, read_safetensors_header
 from pytest_llmmerge.suite import SuiteError, parse_suite
 

@@ -13,7 +13,7 @@ import pytest
 from breakage import BREAKAGES
 from conftest import BASE, MERGED
 from pytest_llmmerge.checks import checks_of
-from pytest_llmmerge.settings import OPTIONS
+from pytest_llmmerge.option_specs import OPTIONS
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "safetensors")
 FILE_CHECKS = (*checks_of("integrity"), *checks_of("weights"))

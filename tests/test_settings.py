@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from pytest_llmmerge.settings import OPTIONS, Settings, SettingsError, resolve_settings
+from pytest_llmmerge.option_specs import OPTIONS, OptionSpec
+from pytest_llmmerge.settings import Settings, SettingsError, resolve_settings
 
 
 def make_dirs(tmp_path: Path, *names: str) -> None:
@@ -101,8 +102,6 @@ NUMERIC = [s for s in OPTIONS if s.kind in ("int", "float")]
 @pytest.mark.parametrize("spec", NUMERIC, ids=[s.flag for s in NUMERIC])
 def test_non_finite_or_negative_thresholds_are_usage_errors(tmp_path: Path, spec: object, raw: str) -> None:
     """A threshold of nan compares false with everything and would switch its check off silently."""
-    from pytest_llmmerge.settings import OptionSpec
-
     assert isinstance(spec, OptionSpec)
     if spec.kind == "int" and raw in ("nan", "inf", "-inf"):
         match = "is not an integer"
@@ -117,8 +116,6 @@ def test_non_finite_or_negative_thresholds_are_usage_errors(tmp_path: Path, spec
 @pytest.mark.parametrize("spec", NUMERIC, ids=[s.flag for s in NUMERIC])
 def test_numbers_past_what_a_type_holds_are_usage_errors(tmp_path: Path, spec: object) -> None:
     """10**400 is an int no float holds: a usage error, not an OverflowError."""
-    from pytest_llmmerge.settings import OptionSpec
-
     assert isinstance(spec, OptionSpec)
     with pytest.raises(SettingsError, match=f"{spec.flag}: '10000"):
         resolve(tmp_path, cli={spec.dest: str(10**400)})
@@ -130,8 +127,6 @@ BOUNDED = [s for s in NUMERIC if s.maximum is not None]
 @pytest.mark.parametrize("spec", BOUNDED, ids=[s.flag for s in BOUNDED])
 def test_sizes_and_deadlines_past_their_maximum_are_usage_errors(tmp_path: Path, spec: object) -> None:
     """A timeout of 1e46 s would be accepted and then overflow the first wait that uses it."""
-    from pytest_llmmerge.settings import OptionSpec
-
     assert isinstance(spec, OptionSpec) and spec.maximum is not None
     at_most = str(int(spec.maximum))
     assert getattr(resolve(tmp_path, cli={spec.dest: at_most}), spec.dest) == float(at_most)

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from .base import Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs
-from .base import BackendError, render_prompt
+from .base import BackendError, Generation, GenRequest, ProgressFn, ScoreRequest, TokenLogprobs, render_prompt
 from .hf import PROGRESS_INTERVAL_S
 from .vllm_sizing import kv_cache_bytes_for, lora_rank_limit
 

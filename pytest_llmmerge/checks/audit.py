@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checkpoint import ADAPTER_CONFIG
+from ..file_names import ADAPTER_CONFIG
 from ..merge_audit import AuditError, audit, rounding_slack
 from .base import CheckSkipped, Context, Finding, shard_of
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpoint import WEIGHTS_FILE, Checkpoint
+from ..checkpoint import Checkpoint
+from ..file_names import WEIGHTS_FILE
 from .codes import CODES
 
 Severity = Literal["error", "warning"]

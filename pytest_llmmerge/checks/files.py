@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import chat_template
-from ..checkpoint import (
+from ..checkpoint import Checkpoint
+from ..file_names import (
     CHAT_TEMPLATE_JSON,
     CONFIG,
     GENERATION_CONFIG,
@@ -18,7 +19,6 @@ from ..checkpoint import (
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     TOKENIZER_MODEL_FILES,
-    Checkpoint,
 )
 from ..model_config import CONFIG_KEYS_COMPUTED
 from .base import CheckSkipped, Context, Finding, Severity

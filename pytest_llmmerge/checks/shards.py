@@ -8,17 +8,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from ..checkpoint import (
-    ADAPTER_CONFIG,
-    EMBEDDING_SUFFIXES,
-    LM_HEAD_SUFFIXES,
-    SAFETENSORS_INDEX_SUFFIX,
-    WEIGHTS_FILE,
-    WEIGHTS_INDEX,
-    Checkpoint,
-    is_lora_key,
-    shard_name_parts,
-)
+from ..checkpoint import EMBEDDING_SUFFIXES, LM_HEAD_SUFFIXES, Checkpoint, is_lora_key, shard_name_parts
+from ..file_names import ADAPTER_CONFIG, SAFETENSORS_INDEX_SUFFIX, WEIGHTS_FILE, WEIGHTS_INDEX
 from ..safetensors_header import HeaderError, SafetensorsHeader
 from .base import CheckSkipped, Context, Finding
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checkpoint import CONFIG, LM_HEAD_SUFFIXES, embedding_name, is_lora_key, lm_head_name
+from ..checkpoint import LM_HEAD_SUFFIXES, embedding_name, is_lora_key, lm_head_name
+from ..file_names import CONFIG
 from ..tensor_scan import WeightScan, change_table, scan
 from .base import CheckSkipped, Context, Finding, shard_of
 

@@ -29,9 +29,10 @@ from ..checkpoint import Checkpoint
 from ..checks import GROUPS
 from ..checks.base import Context
 from ..handles import VariantHandle
+from ..option_specs import OPTIONS
 from ..report import FINDINGS, versions
 from ..runner import Runner
-from ..settings import OPTIONS, Settings, SettingsError, describe, resolve_settings, vllm_kwargs
+from ..settings import Settings, SettingsError, describe, resolve_settings, vllm_kwargs
 from ..suite import default_suite, looks_like_suite
 from ..variants import ADAPTER, MERGED, REFERENCE, Chain, VariantUnavailable
 from .case_items import CaseItem, DefaultSuite, SuiteFile
