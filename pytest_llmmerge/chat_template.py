@@ -79,22 +79,36 @@ def _check_sizes(values: Iterable[Any]) -> None:
 
 
 def _written_size(value: Any) -> int:
-    """Items and characters `value` spans once written out, counted only up to just past the
-    limit (so the count itself is bounded, however deep the sharing goes)."""
-    total, stack = 0, [value]
-    while stack and total <= MAX_VALUE_LENGTH:
-        item = stack.pop()
+    """Items and characters `value` spans once written out.  Each distinct container is counted
+    once and its size remembered, so a value that holds itself twice, sixty times over, costs
+    sixty steps; past the limit (or on a cycle) the count stops."""
+    over = MAX_VALUE_LENGTH + 1
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    steps = 0
+    while stack:
+        item, finished = stack.pop()
         if isinstance(item, str):
-            total += len(item)
-        elif isinstance(item, (list, tuple)):
-            total += len(item)
-            stack.extend(item[:MAX_VALUE_LENGTH + 1])
-        elif isinstance(item, dict):
-            total += len(item)
-            stack.extend(list(item.values())[:MAX_VALUE_LENGTH + 1])
-        else:
-            total += 1
-    return total
+            sizes[id(item)] = len(item)
+            continue
+        if not isinstance(item, (list, tuple, dict)):
+            sizes[id(item)] = 1
+            continue
+        children = list(item.values()) if isinstance(item, dict) else list(item)
+        if finished:
+            on_path.discard(id(item))
+            sizes[id(item)] = min(over, len(item) + sum(sizes[id(c)] for c in children))
+            continue
+        if id(item) in sizes:
+            continue
+        steps += len(children)
+        if steps > over or id(item) in on_path:
+            return over
+        on_path.add(id(item))
+        stack.append((item, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(value)]
 
 
 # printf conversions ("%-999999999s", "%.999999999f", "%*d") and the numbers in a str.format
