@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..checks import checks_of
-from ..checks.base import IntegrityWarning, run_check
+from ..checks.base import Check, IntegrityWarning, run_check
 from ..variants import BuildFailed
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class CheckGroup(pytest.Collector):
 class CheckItem(pytest.Item):
     """One check of the checkpoint's files, tensors or merge, failing with its findings."""
 
-    def __init__(self, *, check: Any, run: LlmMergeRun, **kwargs: Any) -> None:
+    def __init__(self, *, check: Check, run: LlmMergeRun, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.check = check
         self.run = run

@@ -61,7 +61,7 @@ class LlmMergeRun:
         self.corpora: list[str] = []  # texts the suites add to the parity corpus
         self.suite_files: list[Path] = []
         self._temp_dirs: list[Path] = []
-        self._context: Any = None
+        self._context: Context | None = None
         self._sigterm: Any = None
         self.chain: Chain | None = None
         self.runner: Runner | None = None
@@ -177,7 +177,7 @@ class LlmMergeRun:
         assert self.runner is not None, "the plugin is off: no runner"
         return self.runner
 
-    def check_context(self) -> Any:
+    def check_context(self) -> Context:
         """One Context per session, so every check shares the parsed files and headers.  Made
         by the first check item: with --llm-build-merged, the candidate is built then."""
         if self._context is None:
