@@ -38,6 +38,7 @@ RENDER_SECONDS = 2.0
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_VALUE_LENGTH = 1_000_000
 MAX_EXPONENT = 1_000
+_BUDGET_MARK = " (over budget)"
 
 
 class TemplateError(Exception):
@@ -286,10 +287,18 @@ def render_samples(template: str, special_tokens: Mapping[str, str]) -> list[str
                               special_tokens=special_tokens))
         except TemplateBudgetExceeded as exc:
             # The same template on the next conversation would only spend its budget again.
-            return out + [f"error: {exc}"] * (len(SAMPLE_CONVERSATIONS) - len(out))
+            return out + [f"error: {exc}{_BUDGET_MARK}"] * (len(SAMPLE_CONVERSATIONS) - len(out))
         except TemplateError as exc:
             out.append(f"error: {exc}")
     return out
+
+
+def budget_problem(template: str, special_tokens: Mapping[str, str]) -> str | None:
+    """Why the template ran past its time or size budget on a sample conversation, or None.
+    A template that merely raises (some refuse a system turn) is not over budget."""
+    renders = render_samples(template, special_tokens)
+    budget = next((r for r in renders if r.startswith("error: ") and _BUDGET_MARK in r), None)
+    return budget.removeprefix("error: ").replace(_BUDGET_MARK, "") if budget else None
 
 
 def end_of_turn_token(template: str, special_tokens: Mapping[str, str],

@@ -195,6 +195,17 @@ def index_renamed(ckpt: Path) -> None:
     index.rename(ckpt / "weights.safetensors.index.json")
 
 
+def vocab_entry_without_id(ckpt: Path) -> None:
+    """A vocabulary entry that is no piece: the tokenizers library refuses the whole file."""
+    _edit(ckpt / "tokenizer.json", lambda tok: tok["model"]["vocab"].update({"<junk>": [1, 2]}))
+
+
+def chat_template_over_budget(ckpt: Path) -> None:
+    """A template whose rendering never ends: chat requests hang at the server."""
+    (ckpt / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", encoding="utf-8")
+
+
 def config_missing(ckpt: Path) -> None:
     (ckpt / "config.json").unlink()
 
@@ -442,6 +453,8 @@ BREAKAGES: dict[str, tuple[Breakage, set[str], set[str]]] = {
     "index_metadata_not_an_object": (index_metadata_not_an_object, {"WGT005"}, {"WGT005"}),
     "header_metadata_not_strings": (header_metadata_not_strings, {"WGT005"}, {"WGT005"}),
     "index_renamed": (index_renamed, {"WGT004"}, {"WGT004"}),
+    "vocab_entry_without_id": (vocab_entry_without_id, {"TOK001"}, {"TOK001"}),
+    "chat_template_over_budget": (chat_template_over_budget, {"TOK006"}, {"TOK006"}),
     "config_missing": (config_missing, {"CFG001"}, {"CFG001"}),
     "model_type_changed": (model_type_changed, {"CFG002"}, set()),
     "vocab_size_changed": (vocab_size_changed, {"CFG004"}, {"CFG004"}),

@@ -46,7 +46,8 @@ CODES: dict[str, tuple[str, str]] = {
     "TOK004": ("chat template missing while the base has one", "LlamaFactory #8399: chat template lost on save"),
     "TOK005": ("chat template renders a sample conversation differently from the base",
                "a template replaced or edited during fine-tuning"),
-    "TOK006": ("chat template fails to render where the base's renders", "a template broken on save"),
+    "TOK006": ("chat template fails to render where the base's renders, or (without a base) cannot be "
+               "read or runs past its time or size budget", "a template broken on save"),
     "TOK007": ("warning: the pad token or another special token that does not change generation differs from "
                "the base", "SFT recipes set pad = eos or add a <pad> token"),
     "TOK008": ("warning: tokens added beyond the base's vocabulary", "a pad or chat token added with resized "

@@ -11,6 +11,7 @@ from typing import Any
 from .. import chat_template
 from ..checkpoint import Checkpoint
 from ..file_names import (
+    CHAT_TEMPLATE_JINJA,
     CHAT_TEMPLATE_JSON,
     CONFIG,
     GENERATION_CONFIG,
@@ -254,6 +255,9 @@ def _tokenizer_problems(ckpt: Checkpoint) -> list[str]:
             problems.append(f"{name} {error}")
         elif ckpt.has(name) and not isinstance(ckpt.json(name).value, dict):
             problems.append(f"{name} is not a JSON object")
+    vocab_problem = _vocab_problem(ckpt.json_object(TOKENIZER_JSON).get("model"))
+    if vocab_problem:
+        problems.append(f"{TOKENIZER_JSON}: {vocab_problem}: the tokenizers library refuses it")
     for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):
         found = ckpt.json_object(name)
         bad = [k for k in SPECIAL_TOKEN_KEYS if k in found and not _token_like(found[k])]
@@ -261,6 +265,20 @@ def _tokenizer_problems(ckpt: Checkpoint) -> list[str]:
             problems.append(f"{name}: {', '.join(bad[:5])} is not a token (a string or an object with a string "
                             "content): the tokenizer does not load")
     return problems
+
+
+def _vocab_problem(model: Any) -> str | None:
+    """A vocabulary of the wrong shape: BPE/WordPiece map pieces to ids, Unigram lists
+    [piece, score] pairs."""
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, dict):
+        bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)), None)
+        return f"vocab entry {bad!r:.40} has no integer id" if bad is not None else None
+    if isinstance(vocab, list):
+        bad_at = next((i for i, e in enumerate(vocab) if not (isinstance(e, list) and len(e) == 2 and isinstance(
+            e[0], str) and isinstance(e[1], (int, float)) and not isinstance(e[1], bool))), None)
+        return f"vocab entry {bad_at} is not a [piece, score] pair" if bad_at is not None else None
+    return None
 
 
 def _token_like(value: Any) -> bool:
@@ -324,7 +342,24 @@ def _listed_pairs(lost: list[tuple[int, str]], now: dict[int, str]) -> str:
     return ", ".join(shown) + (" ..." if len(lost) > 5 else "")
 
 
+def _unusable_template(model: Checkpoint) -> list[Finding]:
+    """What is wrong with a template whatever the base: a file the tokenizer cannot read, or a
+    rendering that runs past its time or size budget (a hostile or broken template)."""
+    if model.has(CHAT_TEMPLATE_JINJA) and model.chat_template() is None:
+        return [Finding("TOK006", "error", f"{CHAT_TEMPLATE_JINJA} cannot be read as UTF-8 text: the tokenizer "
+                        "fails to load it", CHAT_TEMPLATE_JINJA)]
+    found = model.chat_template()
+    problem = chat_template.budget_problem(found[0], model.special_tokens()) if found else None
+    if found and problem:
+        return [Finding("TOK006", "error", f"rendering a sample conversation ran past the budget: {problem}",
+                        found[1])]
+    return []
+
+
 def check_chat_template_vs_base(ctx: Context) -> list[Finding]:
+    unusable = _unusable_template(ctx.model) if ctx.base is None else []
+    if unusable:
+        return unusable  # broken whatever the base; otherwise the comparison is skipped without one
     base = ctx.require_base()
     base_template = base.chat_template()
     if base_template is None:
