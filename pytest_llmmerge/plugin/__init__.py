@@ -2,8 +2,8 @@
 
 The run (plugin/run.py) holds the session's state and schedule; the items are in
 check_items, case_items and compare_items, the report hooks in reporting.  All decisions
-live in the core modules.  Nothing heavy is imported here, so `pytest --help` stays fast and
-torch-free; models load in worker processes when the first item needs them.
+live in the core modules.  torch, transformers, peft, vLLM and numpy are not imported here, so
+`pytest --help` stays torch-free; models load in worker processes when the first item needs them.
 """
 
 from __future__ import annotations
