@@ -80,10 +80,15 @@ def parse_bool(raw: str, where: str) -> bool:
     raise SettingsError(f"{where}: {raw!r} is not a boolean (use one of 1/0, true/false, yes/no, on/off)")
 
 
+def _shown(text: str, limit: int) -> str:
+    """A raw value for a message, cut short: a hostile one can be megabytes."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def _path(text: str, relative_to: Path, where: str) -> Path:
     """The absolute path `text` names, probed once, so that a name no file system takes (a
     symlink loop, an unknown ~user, a name too long, a NUL byte) is a usage error here."""
-    shown = repr(text if len(text) <= 80 else text[:80] + "...")
+    shown = _shown(text, 80)
     try:
         path = (relative_to / Path(text).expanduser()).resolve()
         path.exists()
@@ -111,7 +116,7 @@ def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> ob
         return tuple(n.strip() for p in parts for n in p.split(",") if n.strip())
     if spec.kind in ("int", "float"):
         text = str(raw).strip()
-        shown = repr(text if len(text) <= 40 else text[:40] + "...")
+        shown = _shown(text, 40)
         try:
             number = int(text) if spec.kind == "int" else float(text)
         except ValueError:
