@@ -1,41 +1,33 @@
-"""Merge-precision audit: how much of the adapters' update the merged candidate really holds.
+"""The adapters' exact update of every weight they touch, and rounding to a storage dtype: the
+inputs of the merge diagnosis (:mod:`.merge_diagnosis`).
 
-For every weight a LoRA adapter touches, the exact merge is W_ref = W_base + dW with
-dW = sum over the chain's adapters of scale_k * B_k @ A_k, computed here in float64 from the
-adapters' own factors.  Per tensor the audit reports
-
-- ``error`` = ||W_candidate - W_ref|| / ||dW||: the share of the update the candidate lost
-  (or got wrong).  A float32 merge loses ~1e-5 of it; a merge rounded through bfloat16 loses
-  tens of per cent, the "adapter fine, merged model worse" reports (peft #1388);
-- ``floor`` = ||round(W_ref) - W_ref|| / ||dW|| with round() to the candidate's own storage
-  dtype: what even a perfect merge saved in that dtype must lose;
-- ``vanished``: the fraction of the update's non-zero entries where the candidate still holds
-  the base's value, the update rounded away entirely.
-
-Everything is computed in row blocks of at most CHUNK_ELEMENTS values, so memory is a few
-blocks plus the adapters' (small) factors, whatever the size of the model.  The check that
-judges the figures is :mod:`.checks.audit`.
+For a LoRA adapter, the update of a target weight is dW = scale * B @ A with scale = alpha / r
+(alpha / sqrt(r) for rsLoRA, both per module with rank_pattern / alpha_pattern), computed
+here in float64 from the adapter's own factors, never materialised whole: a merge diagnosis
+takes it in row blocks.  A chain of adapters merged one after another adds their updates.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import LORA_DEFAULT_ALPHA, LORA_DEFAULT_RANK, Checkpoint, adapter_config, lora_factor
 from .file_names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
-from .tensor_scan import CHUNK_ELEMENTS, TensorReader, locations, read_whole
+from .safetensors_header import HeaderError
+from .tensor_scan import read_whole
 
 if TYPE_CHECKING:
     import numpy as np
 
 _PEFT_PREFIX = "base_model.model."
+# Significant bits (with the implicit one) of each float storage dtype: what one rounding keeps.
+MANTISSA_BITS = {"F64": 53, "F32": 24, "F16": 11, "BF16": 8}
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def rounding_slack(adapters: int) -> float:
@@ -61,38 +53,32 @@ class Factors:
     left: Any  # (out, r) float64
     right: Any  # (r, in) float64
 
+    # einsum, not @: BLAS's threads spin against the other processes of a loaded machine
+    # (pytest-xdist on two cores) and a low-rank product gains nothing from them.
+    def rows(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """Rows start:stop of the update."""
+        import numpy as np
+
+        result: np.ndarray[Any, Any] = np.einsum("ik,kj->ij", self.left[start:stop], self.right)
+        return result
+
+    def transposed_rows(self, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """Rows start:stop of the update's transpose (a square weight merged the wrong way round)."""
+        import numpy as np
+
+        result: np.ndarray[Any, Any] = np.einsum("ki,jk->ij", self.right[:, start:stop], self.left)
+        return result
+
 
 @dataclass(frozen=True)
-class LayerAudit:
-    tensor: str
-    dtype: str  # the candidate's storage dtype of this tensor
-    error: float
-    floor: float
-    floor_f32: float  # the same for float32 storage: what any float32 merge's own rounding costs
-    vanished: float
-    delta_norm: float  # ||dW|| / ||W_base||
+class Update:
+    """One adapter's update of one weight, with what its scale was made of (to name a wrong one)."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "error": self.error, "floor": self.floor, "floor_f32": self.floor_f32,
-                "vanished": self.vanished, "delta_over_weight": self.delta_norm}
-
-    def over(self, limit: float, slack: float) -> bool:
-        """Lost more than `limit`, and more than `slack` floors of the candidate's own storage dtype
-        (what a sound merge saved in that dtype loses by rounding alone)."""
-        return self.error > max(limit, slack * self.floor, slack * self.floor_f32)
-
-
-@dataclass
-class AuditResult:
-    layers: list[LayerAudit] = field(default_factory=list)
-    not_audited: list[str] = field(default_factory=list)  # what was left out, and why
-    seconds: float = 0.0
-
-    def overall_error(self) -> float:
-        """The update-weighted error over every audited tensor."""
-        lost = sum((layer.error * layer.delta_norm) ** 2 for layer in self.layers)
-        total = sum(layer.delta_norm ** 2 for layer in self.layers)
-        return math.sqrt(lost / total) if total else 0.0
+    adapter: int  # its place in the chain, from 0
+    factors: Factors
+    rank: float
+    alpha: float
+    rslora: bool
 
 
 # --- the adapters' updates --------------------------------------------------------------------
@@ -106,8 +92,17 @@ def _pattern_value(patterns: Any, module: str, default: float) -> float:
     return default
 
 
-def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
-    """target tensor name -> its update's factors; plus what this adapter holds that is not audited."""
+def _replaced_module(key: str) -> str:
+    """The module a non-LoRA adapter tensor stands for (modules_to_save, trainable tokens)."""
+    name = key.removeprefix(_PEFT_PREFIX)
+    for marker in (".modules_to_save.", ".token_adapter.", ".original_module."):
+        name = name.split(marker, 1)[0]
+    return name.removesuffix(".weight").removesuffix(".bias")
+
+
+def adapter_updates(adapter: Path, index: int = 0) -> tuple[dict[str, Update], list[str], set[str]]:
+    """target tensor name -> this adapter's update of it; what it holds that is not a LoRA factor
+    (as notes); and the modules such tensors replace (their change is the adapter's, not a fault)."""
     import numpy as np
 
     config_path = adapter / ADAPTER_CONFIG
@@ -128,17 +123,20 @@ def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
         raise AuditError(f"{adapter / ADAPTER_WEIGHTS}: {header}")
     alpha = float(config.get("lora_alpha") or LORA_DEFAULT_ALPHA)
     rank = float(config.get("r") or LORA_DEFAULT_RANK)
+    rslora = bool(config.get("use_rslora"))
     pairs: dict[str, dict[str, str]] = {}
     skipped: list[str] = []
+    replaced: set[str] = set()
     for key in header.tensors:
         factor = lora_factor(key)
         if factor is None:
             skipped.append(f"{adapter.name}: {key} (not a LoRA factor; e.g. modules_to_save replace the whole "
                            "tensor)")
+            replaced.add(_replaced_module(key))
             continue
         module, kind = factor
         pairs.setdefault(module, {})[kind] = key
-    out: dict[str, Factors] = {}
+    out: dict[str, Update] = {}
     for module, kinds in sorted(pairs.items()):
         embedding = "lora_embedding_A" in kinds
         a_key = kinds.get("lora_embedding_A" if embedding else "lora_A")
@@ -149,30 +147,29 @@ def adapter_factors(adapter: Path) -> tuple[dict[str, Factors], list[str]]:
         b = read_whole(ckpt, ADAPTER_WEIGHTS, b_key).astype(np.float64)
         name = module.removeprefix(_PEFT_PREFIX)
         r = _pattern_value(config.get("rank_pattern"), name, rank)
-        scale = _pattern_value(config.get("alpha_pattern"), name, alpha)
-        scale /= math.sqrt(r) if config.get("use_rslora") else r
+        module_alpha = _pattern_value(config.get("alpha_pattern"), name, alpha)
+        scale = module_alpha / (math.sqrt(r) if rslora else r)
         if embedding or config.get("fan_in_fan_out"):
             # Embedding deltas (and GPT-2 Conv1D weights) are stored transposed: (B @ A).T
-            out[f"{name}.weight"] = Factors(a.T * scale, b.T)
+            factors = Factors(a.T * scale, b.T)
         else:
-            out[f"{name}.weight"] = Factors(b * scale, a)
-    return out, skipped
+            factors = Factors(b * scale, a)
+        out[f"{name}.weight"] = Update(index, factors, r, module_alpha, rslora)
+    return out, skipped, replaced
 
 
-def chain_factors(adapters: Sequence[Path]) -> tuple[dict[str, Factors], list[str]]:
-    """The summed update of a merge chain, per tensor, as one pair of stacked factors."""
-    import numpy as np
-
-    stacked: dict[str, list[Factors]] = {}
+def chain_updates(adapters: Sequence[Path]) -> tuple[dict[str, list[Update]], list[str], set[str]]:
+    """Every adapter's update per tensor, in chain order; the notes and replaced modules of all."""
+    updates: dict[str, list[Update]] = {}
     notes: list[str] = []
-    for adapter in adapters:
-        factors, skipped = adapter_factors(adapter)
+    replaced: set[str] = set()
+    for index, adapter in enumerate(adapters):
+        found, skipped, replaces = adapter_updates(adapter, index)
         notes += skipped
-        for name, f in factors.items():
-            stacked.setdefault(name, []).append(f)
-    # sum_k L_k @ R_k == [L_1 | L_2 | ...] @ [R_1; R_2; ...]
-    return {name: Factors(np.concatenate([f.left for f in fs], axis=1), np.concatenate([f.right for f in fs], axis=0))
-            for name, fs in stacked.items()}, notes
+        replaced |= replaces
+        for name, update in found.items():
+            updates.setdefault(name, []).append(update)
+    return updates, notes, replaced
 
 
 # --- rounding to a storage dtype --------------------------------------------------------------
@@ -193,95 +190,3 @@ def round_to(values: np.ndarray[Any, Any], dtype: str) -> np.ndarray[Any, Any]:
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
         return rounded.view(np.float32).astype(np.float64)
     raise AuditError(f"dtype {dtype} is not audited")
-
-
-# --- the audit --------------------------------------------------------------------------------
-
-def _rows(reader: TensorReader, where: tuple[str, SafetensorsHeader, TensorInfo],
-          rows_per_block: int) -> Iterator[np.ndarray[Any, Any]]:
-    info = where[2]
-    columns = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
-    for flat in reader.chunks(*where, elements=rows_per_block * columns):
-        yield flat.reshape(-1, columns)
-
-
-def audit(candidate: Checkpoint, base: Checkpoint, adapters: Sequence[Path], *,
-          progress: Any = None) -> AuditResult:
-    """Audit every tensor the adapters touch; raises AuditError when they do not fit the base."""
-    import numpy as np
-
-    say = progress or (lambda message: None)
-    started = time.monotonic()
-    factors, notes = chain_factors(adapters)
-    result = AuditResult(not_audited=notes)
-    cand_at, cand_unread = locations(candidate)
-    base_at, _ = locations(base)
-    missing = sorted(n for n in factors if n not in base_at)
-    if missing:
-        raise AuditError(f"the adapters update {len(missing)} tensor(s) the base does not hold (wrong base, or "
-                         f"a model with another naming): {', '.join(missing[:4])}")
-    readers = (TensorReader(candidate), TensorReader(base))
-    say(f"audit: {len(factors)} tensors updated by {len(adapters)} adapter(s)")
-    try:
-        for number, (name, f) in enumerate(sorted(factors.items()), 1):
-            if name not in cand_at:
-                why = cand_unread.get(name, "is missing from the candidate (see WGT007)")
-                result.not_audited.append(f"{name}: {why}")
-                continue
-            info = cand_at[name][2]
-            if info.shape != base_at[name][2].shape or (info.shape[0], math.prod(info.shape[1:])) != \
-                    (f.left.shape[0], f.right.shape[1]):
-                raise AuditError(f"{name}: candidate {list(info.shape)}, base {list(base_at[name][2].shape)}, "
-                                 f"adapter update {[f.left.shape[0], f.right.shape[1]]}: shapes do not fit")
-            columns = f.right.shape[1]
-            rows_per_block = max(1, CHUNK_ELEMENTS // max(columns, 1))
-            lost = floor = floor_f32 = delta_sq = base_sq = 0.0
-            vanished = changed = 0
-            start = 0
-            for cand_rows, base_rows in zip(_rows(readers[0], cand_at[name], rows_per_block),
-                                            _rows(readers[1], base_at[name], rows_per_block)):
-                stop = start + cand_rows.shape[0]
-                delta = f.left[start:stop] @ f.right
-                w_base = base_rows.astype(np.float64)
-                reference = w_base + delta
-                w_cand = cand_rows.astype(np.float64)
-                lost += float(np.sum((w_cand - reference) ** 2))
-                floor += float(np.sum((round_to(reference, info.dtype) - reference) ** 2))
-                floor_f32 += float(np.sum((round_to(reference, "F32") - reference) ** 2))
-                delta_sq += float(np.sum(delta ** 2))
-                base_sq += float(np.sum(w_base ** 2))
-                moved = delta != 0
-                changed += int(np.count_nonzero(moved))
-                vanished += int(np.count_nonzero(moved & (w_cand == w_base)))
-                start = stop
-            norm = math.sqrt(delta_sq)
-            if norm == 0:
-                result.not_audited.append(f"{name}: the adapters' update is exactly zero")
-                continue
-            result.layers.append(LayerAudit(
-                name, info.dtype, math.sqrt(lost) / norm, math.sqrt(floor) / norm, math.sqrt(floor_f32) / norm,
-                vanished / changed if changed else 0.0, norm / math.sqrt(base_sq) if base_sq else math.inf))
-            if number % 50 == 0:
-                say(f"audit: {number}/{len(factors)} tensors")
-    finally:
-        for reader in readers:
-            reader.close()
-    result.seconds = time.monotonic() - started
-    return result
-
-
-def worst_layers(candidate: Checkpoint, before: Checkpoint, adapter: Path,
-                 count: int = 5) -> tuple[list[tuple[str, float]], list[str]]:
-    """The tensors of `candidate` that lost most of `adapter`'s update merged onto `before`:
-    (tensor, error) pairs and the lines that explain them to a person."""
-    try:
-        result = audit(candidate, before, (adapter,))
-    except AuditError as exc:
-        return [], [f"no per-layer audit: {exc}"]
-    worst = sorted(result.layers, key=lambda layer: -layer.error)[:count]
-    if not worst:
-        return [], []
-    lines = ["layers that lost most of the fine-tuning delta (||W_merged - (W_before + dW_fp32)|| / ||dW||; the "
-             f"storage dtype alone loses {worst[0].floor:.3g} of {worst[0].tensor}):"]
-    return [(layer.tensor, layer.error) for layer in worst], lines + [f"    {layer.tensor}: {layer.error:.3g}"
-                                                                      for layer in worst]

@@ -97,13 +97,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "audit_merge", "--llm-audit-merge", "llm_audit_merge", "LLMMERGE_AUDIT_MERGE", "bool",
-        "add audit::merge_precision: per layer, how much of the adapters' fp32 update the candidate lost "
-        "(needs --llm-base and --llm-adapter)",
+        "require audit::merge_diagnosis (which runs whenever --llm-base and --llm-adapter are given): a usage "
+        "error without them, so a CI job cannot lose the diagnosis to a missing option",
     ),
     OptionSpec(
         "audit_max_error", "--llm-audit-max-error", "llm_audit_max_error", "LLMMERGE_AUDIT_MAX_ERROR", "float",
-        "max ||W_candidate - (W_base + dW_fp32)|| / ||dW|| of any tensor the adapters update (default 0.001; "
-        "a float32 merge's own rounding is never counted)", "RATIO",
+        "share of the adapters' fp32 update ||W_candidate - (W_base + dW)|| / ||dW|| a weight rounded beyond its "
+        "storage dtype may lose and only warn (MRG012; above it: MRG001; default 0.001)", "RATIO",
     ),
     OptionSpec(
         "bisect", "--llm-bisect", "llm_bisect", "LLMMERGE_BISECT", "bool",

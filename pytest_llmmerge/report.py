@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 SCHEMA_ID = "pytest-llmmerge-report/1"
+_MAX_ROWS = 30  # rows of a Markdown table that lists tensors; the JSON report has them all
 _CODE = re.compile(r"^[A-Z]{3}\d{3}$")
 # The test report attribute a check item's findings travel in, as plain dicts (pytest-xdist
 # carries a report's attributes to the controller); each finding also has a user property named
@@ -189,6 +190,19 @@ def markdown(report: Mapping[str, Any]) -> str:
                   for i in comparisons]
         lines.append("")
     checks = [i for i in items if i["kind"] in ("integrity", "weights", "audit")]
+    diagnosed = next((i["metrics"] for i in checks if "merge_diagnosis" in i["metrics"]), None)
+    if diagnosed:
+        rows = [row for row in diagnosed.get("merge_diagnosis_modules", []) if row.get("verdict") != "exact"]
+        lines += ["### Merge diagnosis", "", f"**merge diagnosis: {_cell(diagnosed['merge_diagnosis'])}**", ""]
+        if rows:
+            lines += ["| tensor | verdict | factor per adapter | correlation | share of the update lost |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| `{_cell(row['tensor'])}` | {_cell(row['verdict'])} | "
+                      f"{_cell(', '.join(f'{k:.3g}' for k in row.get('factors') or []))} | "
+                      f"{_cell(row.get('correlation'))} | {_cell(row.get('error'))} |" for row in rows[:_MAX_ROWS]]
+            if len(rows) > _MAX_ROWS:
+                lines.append(f"\n{len(rows) - _MAX_ROWS} more in the JSON report's merge_diagnosis_modules.")
+        lines.append("")
     if checks:
         lines += ["### Checkpoint checks", "", "| item | outcome | findings |", "|---|---|---|"]
         lines += [f"| `{_short(i['nodeid'])}` | {_icon(i['outcome'])} | "

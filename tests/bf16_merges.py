@@ -32,6 +32,10 @@ import realmodel_support
 
 HEALTHY = ("peft-bf16", "fp32-cast")
 WRONG = ("scale-x2", "modules-skipped", "base-4bit", "base-as-merged")
+# Only the merge diagnosis looks at these (the parity tiers keep to the recipes above).
+DIAGNOSIS_HEALTHY = (*HEALTHY, "fp32-save")
+DIAGNOSIS_WRONG = (*WRONG, "rslora-confusion", "transposed", "fp16-merge")
+FLOAT32_RELEASES = ("fp32-save", "fp16-merge")
 SKIPPED_MODULES = ("o_proj", "down_proj")
 QUANT_BITS, QUANT_GROUP = 4, 64
 RECIPE_VERSION = 1  # bump when a recipe changes what it writes
@@ -79,6 +83,8 @@ def _quantized_(model: Any) -> None:
 
 
 def _merge(base: Path, adapter: Path, recipe: str, out: Path, original: Path | None) -> None:
+    import math
+
     import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -88,9 +94,11 @@ def _merge(base: Path, adapter: Path, recipe: str, out: Path, original: Path | N
             raise ValueError("recipe 'fp32-cast' merges into the float32 original: pass original=")
         model, tokenizer = _load(original, "float32")
     else:
-        model, tokenizer = _load(base, "bfloat16" if recipe == "peft-bf16" else "float32")
+        load = {"peft-bf16": "bfloat16", "fp16-merge": "float16"}.get(recipe, "float32")
+        model, tokenizer = _load(base, load)
+    release = torch.float32 if recipe in FLOAT32_RELEASES else torch.bfloat16
     if recipe == "base-as-merged":
-        _save(model.to(torch.bfloat16), tokenizer, out)
+        _save(model.to(release), tokenizer, out)
         return
     if recipe == "base-4bit":
         _quantized_(model)
@@ -101,22 +109,29 @@ def _merge(base: Path, adapter: Path, recipe: str, out: Path, original: Path | N
         if recipe == "scale-x2":
             for key in layer.scaling:
                 layer.scaling[key] *= 2
+        if recipe == "rslora-confusion":
+            for key in layer.scaling:
+                layer.scaling[key] = layer.lora_alpha[key] / math.sqrt(layer.r[key])
+        if recipe == "transposed":
+            weight = layer.get_base_layer().weight
+            if weight.shape[0] == weight.shape[1]:
+                layer.fan_in_fan_out = True  # peft then merges (B @ A).T
         if recipe == "modules-skipped" and name.rsplit(".", 1)[-1] in SKIPPED_MODULES:
             with torch.no_grad():
                 for key in layer.lora_B:
                     layer.lora_B[key].weight.zero_()
     with torch.no_grad():
         merged = peft_model.merge_and_unload()
-    _save(merged.to(torch.bfloat16), tokenizer, out)
+    _save(merged.to(release), tokenizer, out)
 
 
 def merge(base: Path, adapter: Path, recipe: str, original: Path | None = None,
           root: Path | None = None) -> Path:
-    """The bf16 checkpoint `recipe` makes from `base` (bf16) and `adapter` (fp32-cast: from
+    """The checkpoint (bf16; float32 for FLOAT32_RELEASES) `recipe` makes from `base` (bf16) and `adapter` (fp32-cast: from
     `original`, the float32 weights `base` was cast from), built once and cached under `root`
     (default: the real-model cache; pass it from outside a test that uses pytester, which points
     HOME elsewhere)."""
-    if recipe not in HEALTHY + WRONG:
+    if recipe not in DIAGNOSIS_HEALTHY + DIAGNOSIS_WRONG:
         raise ValueError(f"unknown recipe {recipe!r}")
     key = realmodel_support.key_of(base.name, adapter.name, original.name if original else "", recipe,
                                    RECIPE_VERSION)

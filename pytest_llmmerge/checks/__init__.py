@@ -5,8 +5,8 @@ Each check becomes the pytest item `<group>::<name>`:
 - ``integrity``: the files and safetensors headers (:mod:`.files`, :mod:`.shards`); no tensor
   data is read, so these run on any checkpoint in seconds;
 - ``weights``: the tensor data, in one streaming scan (:mod:`.tensors`);
-- ``audit``: the merge-precision audit against the adapters (:mod:`.audit`), with
-  ``--llm-audit-merge``.
+- ``audit``: the merge diagnosis against the adapters (:mod:`.audit`), whenever a base and
+  the adapters are given.
 
 The plugin's items, the README's tables (:mod:`pytest_llmmerge.docs`) and scripts all read
 :data:`GROUPS`; nothing here imports pytest.
@@ -39,8 +39,9 @@ ALL_CHECKS: tuple[Check, ...] = (
     Check("tied_embeddings", ("WGT015", "WGT016"), False, tensors.check_tied_embeddings, "weights"),
     Check("change_vs_base", ("WGT017", "WGT018"), True, tensors.check_weight_change, "weights",
           figures=tensors.change_figures),
-    Check("merge_precision", ("MRG001", "MRG002", "MRG003", "MRG004"), True, audit.check_merge_precision, "audit",
-          figures=audit.audit_figures),
+    Check("merge_diagnosis", ("MRG001", "MRG002", "MRG003", "MRG004", "MRG005", "MRG006", "MRG007", "MRG008",
+                              "MRG009", "MRG010", "MRG011", "MRG012"), True, audit.check_merge_diagnosis, "audit",
+          figures=audit.diagnosis_figures, summary=audit.diagnosis_summary),
 )
 # group -> its checks, in order: {"integrity": (...), "weights": (...), "audit": (...)}.
 GROUPS: dict[str, tuple[Check, ...]] = {

@@ -1,5 +1,5 @@
-"""The `audit::` check: judges the merge-precision audit (:func:`pytest_llmmerge.merge_audit.audit`)
-of the candidate against the base and the adapters merged into it.
+"""The `audit::` check: the merge diagnosis (:func:`pytest_llmmerge.merge_diagnosis.diagnose`) of
+the candidate against the base and the adapters merged into it, one finding per kind of fault.
 """
 
 from __future__ import annotations
@@ -7,61 +7,123 @@ from __future__ import annotations
 from typing import Any
 
 from ..file_names import ADAPTER_CONFIG
-from ..merge_audit import AuditError, audit, rounding_slack
+from ..merge_audit import DTYPE_NAMES, AuditError
+from ..merge_diagnosis import diagnose
+from ..merge_verdicts import Diagnosis, ModuleVerdict, class_part
 from .base import CheckSkipped, Context, Finding, shard_of
+from .tensors import shared_scan
 
-_LAYERS_KEY = "audit.layers"
+_DIAGNOSIS_KEY = "audit.diagnosis"
 
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# verdict -> (code, what to do about it)
+_FIXES = {
+    "overflow": ("MRG010", "merge in float32 (or bfloat16, whose range is float32's), never float16"),
+    "missing": ("MRG007", "the merge skipped these modules: check how the script matches module names "
+                          "(a suffix strip like rstrip('.weight') eats names) and that every target was merged"),
+    "scaled": ("MRG005", "apply each adapter once with its own scale: alpha/r, or alpha/sqrt(r) when "
+                         "adapter_config.json sets use_rslora"),
+    "transposed": ("MRG006", "the update was merged transposed: fan_in_fan_out must match the layer "
+                             "(true only for Conv1D weights stored (in, out))"),
+    "rounded": ("MRG001", "lost more than --llm-audit-max-error of the update: merge in float32 (load the base in float32, merge_and_unload, then cast), e.g. "
+                          "--llm-merge-dtype float32 for merges this plugin builds"),
+    "foreign": ("MRG008", "the change is not the adapters' update: merge into the unquantized base "
+                          "(dequantizing a 4-bit base first bakes its rounding in), and check that --llm-base and "
+                          "--llm-adapter are the ones merged"),
+}
+
+
+def diagnosis_of(ctx: Context) -> Diagnosis:
+    """The diagnosis of ctx.model against ctx.base and ctx.adapters, made once per Context."""
+    base = ctx.require_base()
+    if not ctx.adapters:
+        raise CheckSkipped("needs the --llm-adapter(s) that were merged")
+    found = ctx.memo.get(_DIAGNOSIS_KEY)
+    if found is None:
+        try:
+            scan = shared_scan(ctx)
+        except CheckSkipped:
+            scan = None  # no readable weights: the modules' own verdicts still say what they can
+        found = ctx.memo[_DIAGNOSIS_KEY] = diagnose(ctx.model, base, ctx.adapters, scan=scan, progress=ctx.progress)
+    assert isinstance(found, Diagnosis)
+    return found
+
+
+def check_merge_diagnosis(ctx: Context) -> list[Finding]:
+    try:
+        diagnosis = diagnosis_of(ctx)
+    except AuditError as exc:
+        return [Finding("MRG002", "error", f"{exc}", ADAPTER_CONFIG)]
+    findings = []
+    if diagnosis.not_audited:
+        findings.append(Finding("MRG003", "warning", f"{len(diagnosis.not_audited)} part(s) not diagnosed: "
+                                + "; ".join(diagnosis.not_audited[:5]), ADAPTER_CONFIG))
+    if not diagnosis.modules:
+        raise CheckSkipped("no weight could be diagnosed: " + "; ".join(diagnosis.not_audited[:3]))
+    for verdict, (code, fix) in _FIXES.items():
+        modules = diagnosis.of(verdict)
+        if verdict == "rounded":
+            # A share lost under the limit is real but small (a float16 or TF32 product of a large update).
+            small = [m for m in modules if m.error <= ctx.audit_max_error]
+            modules = [m for m in modules if m not in small]
+            if small:
+                findings.append(Finding(
+                    "MRG012", "warning", f"{len(small)} adapted weight(s) rounded, each losing no more than "
+                    f"--llm-audit-max-error={ctx.audit_max_error:g} of its update: {class_part(diagnosis, verdict)}. "
+                    f"{_worst(small)}", shard_of(ctx.model, small[0].tensor)))
+        if modules:
+            findings.append(Finding(code, "error", f"{class_part(diagnosis, verdict)}. {_worst(modules)}. Fix: {fix}",
+                                    shard_of(ctx.model, modules[0].tensor)))
+    changed = [u for u in diagnosis.untouched if u.verdict == "changed"]
+    if changed:
+        changed.sort(key=lambda u: -u.change)
+        findings.append(Finding(
+            "MRG009", "error", f"{len(changed)} tensor(s) no adapter updates changed beyond rounding, e.g. "
+            + ", ".join(f"{u.tensor} by {u.change:.3g} of its norm" for u in changed[:3])
+            + ". Fix: merge only the adapters' modules into the unmodified base",
+            shard_of(ctx.model, changed[0].tensor)))
+    rounded = [u for u in diagnosis.untouched if u.verdict == "rounded"]
+    if rounded:
+        findings.append(Finding(
+            "MRG011", "warning", f"{len(rounded)} tensor(s) no adapter updates were rounded through a 16-bit float "
+            f"their {DTYPE_NAMES.get(rounded[0].dtype, rounded[0].dtype)} storage does not force, e.g. "
+            f"{rounded[0].tensor} (changed by {rounded[0].change:.3g} of its norm)", shard_of(ctx.model, rounded[0].tensor)))
+    storage_bound = sorted((m for m in diagnosis.of("exact") if m.floor > ctx.audit_max_error),
+                           key=lambda m: -m.floor)
+    if storage_bound:
+        dtype = DTYPE_NAMES.get(storage_bound[0].dtype, storage_bound[0].dtype)
+        findings.append(Finding(
+            "MRG004", "warning",
+            f"{len(storage_bound)} of {len(diagnosis.modules)} adapted weights are stored in {dtype}, which cannot "
+            f"hold their update exactly: a perfect merge saved in {dtype} loses up to {_pct(storage_bound[0].floor)} "
+            f"of it ({storage_bound[0].tensor}), and this merge loses no more than that. Not a merge error; save in "
+            "float32 or serve the adapter unmerged if parity shows the difference",
+            shard_of(ctx.model, storage_bound[0].tensor)))
+    return findings
 
 
 def _pct(value: float) -> str:
     return f"{100 * value:.3g} %"
 
 
-def check_merge_precision(ctx: Context) -> list[Finding]:
-    base = ctx.require_base()
-    if not ctx.adapters:
-        raise CheckSkipped("needs the --llm-adapter(s) that were merged")
-    try:
-        result = audit(ctx.model, base, ctx.adapters, progress=ctx.progress)
-    except AuditError as exc:
-        return [Finding("MRG002", "error", f"{exc}", ADAPTER_CONFIG)]
-    ctx.memo[_LAYERS_KEY] = {layer.tensor: layer.as_dict() for layer in result.layers}
-    findings = []
-    if result.not_audited:
-        findings.append(Finding("MRG003", "warning", f"{len(result.not_audited)} part(s) not audited: "
-                                + "; ".join(result.not_audited[:5]), ADAPTER_CONFIG))
-    if not result.layers:
-        raise CheckSkipped("no tensor could be audited: " + "; ".join(result.not_audited[:3]))
-    worst = sorted(result.layers, key=lambda layer: -layer.error)
-    slack = rounding_slack(len(ctx.adapters))
-    over = [layer for layer in worst if layer.over(ctx.audit_max_error, slack)]
-    if over:
-        shown = "; ".join(f"{layer.tensor} lost {_pct(layer.error)} of its update ({_pct(layer.vanished)} of the "
-                          f"updated entries still hold the base's value; {_DTYPE_NAMES.get(layer.dtype, layer.dtype)} "
-                          f"storage alone loses {_pct(layer.floor)})" for layer in over[:5])
-        findings.append(Finding(
-            "MRG001", "error",
-            f"{len(over)} of {len(result.layers)} updated tensors lost more than --llm-audit-max-error="
-            f"{ctx.audit_max_error:g} of the adapters' float32 update, beyond the {slack:.2g} storage-dtype roundings "
-            f"a sound merge may cost (overall {_pct(result.overall_error())}). Worst: {shown}. Fix: the merge "
-            "rounded the update: merge in float32 (load the base in float32, merge_and_unload, then cast), "
-            "e.g. --llm-merge-dtype float32 for merges this plugin builds", shard_of(ctx.model, over[0].tensor)))
-    storage_bound = [layer for layer in worst if layer.floor > ctx.audit_max_error and layer not in over]
-    if storage_bound:
-        storage_bound.sort(key=lambda layer: -layer.floor)
-        dtype = _DTYPE_NAMES.get(storage_bound[0].dtype, storage_bound[0].dtype)
-        findings.append(Finding(
-            "MRG004", "warning",
-            f"{len(storage_bound)} of {len(result.layers)} updated tensors are stored in {dtype}, which cannot hold "
-            f"their update exactly: a perfect merge saved in {dtype} loses up to {_pct(storage_bound[0].floor)} of it "
-            f"({storage_bound[0].tensor}), and this merge loses no more than that. Not a merge error; save in float32 "
-            "or serve the adapter unmerged if parity shows the difference", shard_of(ctx.model, storage_bound[0].tensor)))
-    return findings
+def _worst(modules: list[ModuleVerdict]) -> str:
+    """The figures of the weight that lost most of its update."""
+    worst = max(modules, key=lambda m: m.error)
+    return (f"Worst: {worst.tensor}, changed by {worst.change:.3g} x the "
+            f"update, least-squares factor per adapter {', '.join(f'{k:.3g}' for k in worst.factors)}, correlation "
+            f"{worst.correlation:.3f}, lost {_pct(worst.error)} of the update where "
+            f"{DTYPE_NAMES.get(worst.dtype, worst.dtype)} storage forces {_pct(worst.floor)}")
 
 
-def audit_figures(ctx: Context) -> list[tuple[str, Any]]:
-    """The audit's error per tensor, when the check of this Context ran the audit."""
-    layers: dict[str, dict[str, Any]] = ctx.memo.get(_LAYERS_KEY, {})
-    return [(f"merge_audit_error:{tensor}", layer["error"]) for tensor, layer in layers.items()]
+def diagnosis_summary(ctx: Context) -> str | None:
+    """The one-sentence verdict, when this Context's diagnosis ran."""
+    found = ctx.memo.get(_DIAGNOSIS_KEY)
+    return found.summary() if isinstance(found, Diagnosis) and found.modules else None
+
+
+def diagnosis_figures(ctx: Context) -> list[tuple[str, Any]]:
+    """The verdict and the per-weight table, when this Context's diagnosis ran."""
+    found = ctx.memo.get(_DIAGNOSIS_KEY)
+    if not isinstance(found, Diagnosis):
+        return []
+    return [("merge_diagnosis", found.summary()), ("merge_diagnosis_modules", found.table()),
+            ("merge_diagnosis_seconds", round(found.seconds, 3))]

@@ -79,6 +79,8 @@ class Check:
     # Tables the check computed, as (name, value) for the report and JUnit XML, read from the
     # Context after the check ran; only the check knows where it keeps them.
     figures: Callable[[Context], list[tuple[str, Any]]] | None = None
+    # The check's verdict in one sentence, printed under its failure (None: its findings say all).
+    summary: Callable[[Context], str | None] | None = None
 
     @property
     def description(self) -> str:

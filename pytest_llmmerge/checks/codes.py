@@ -97,15 +97,31 @@ CODES: dict[str, tuple[str, str]] = {
     "WGT023": ("warning: the index names another listed shard for a tensor than the one holding it, or "
                "does not name it", "an index rewritten by hand or by a resharding tool; loaders still read "
                                    "every tensor of every listed shard"),
-    "MRG001": ("a tensor lost more than --llm-audit-max-error of the adapters' float32 update, beyond what rounding "
-               "to the candidate's own storage dtype forces (with --llm-audit-merge)",
+    "MRG001": ("rounded: adapted weights lost more of the adapters' float32 update than their storage dtype forces, "
+               "as a merge computed in a coarser float (bfloat16/float16) does, and more than --llm-audit-max-error",
                "adapter fine, merged model worse: a merge rounded through bfloat16/float16 (peft #1388, unsloth #1267)"),
     "MRG002": ("the adapters do not fit the base and candidate (targets missing, shapes differ, not LoRA)",
                "a merge made from another base or other adapters than the ones given"),
-    "MRG003": ("warning: parts of the adapters were not audited (modules_to_save, missing tensors)",
-               "shown so a partial audit is never read as a full one"),
+    "MRG003": ("warning: parts of the adapters were not diagnosed (modules_to_save, missing tensors)",
+               "shown so a partial diagnosis is never read as a full one"),
     "MRG004": ("warning: the candidate's storage dtype (bf16/fp16) cannot hold the update exactly; the merge lost "
                "no more than that rounding", "peft #1388: a bf16 save moves the loss by rounding alone; shown, not failed"),
+    "MRG005": ("scaled: adapted weights changed by k x an adapter's update with k != 1 (2: merged twice; sqrt(r): "
+               "rsLoRA's scale confused with alpha/r)", "a merge script that applies the LoRA scale wrong or twice"),
+    "MRG006": ("transposed: square weights changed by the transpose of the update",
+               "fan_in_fan_out set wrong for the layer, or a hand-written merge that adds (B @ A).T"),
+    "MRG007": ("missing: adapted weights hold the base's values (no change beyond rounding where the update is not "
+               "zero)", "a module-name matching bug skips modules (axolotl's rstrip('.weight')); the base saved as "
+                        "the merge (unsloth #1352, MiniCPM-V #559, vLLM #22884)"),
+    "MRG008": ("foreign: adapted weights changed in a way the update does not explain (correlation shown)",
+               "a merge into a quantization-rounded (4-bit) base, another adapter, or another base (peft #2321)"),
+    "MRG009": ("untouched but changed: tensors no adapter updates differ from the base beyond rounding",
+               "a merge into a dequantized 4-bit base, or into another base than --llm-base"),
+    "MRG010": ("overflow: adapted weights hold Inf/NaN", "a large update merged in float16, whose range is ±65504"),
+    "MRG011": ("warning: tensors no adapter updates were rounded through a 16-bit float their storage dtype does not "
+               "force", "a float32 release made from a bfloat16/float16 load; shown, not failed"),
+    "MRG012": ("warning: rounded as MRG001, but the share lost is within --llm-audit-max-error",
+               "a float16 (or TF32) product of a large update: real, small; shown, not failed"),
     "SAF001": ("pickle-only weights refused (allow with --llm-allow-pickle)",
                "pickle files run code when loaded"),
     "SAF002": ("auto_map custom code refused (allow with --llm-trust-remote-code)",

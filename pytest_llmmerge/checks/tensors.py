@@ -15,7 +15,7 @@ from .base import CheckSkipped, Context, Finding, shard_of
 _SCAN_KEY = "weights.scan"
 
 
-def _shared_scan(ctx: Context) -> WeightScan:
+def shared_scan(ctx: Context) -> WeightScan:
     """The scan of ctx.model against ctx.base, made once per Context."""
     cached = ctx.memo.get(_SCAN_KEY)
     if cached is None:
@@ -31,7 +31,7 @@ def _listed(names: list[str], limit: int = 5) -> str:
 
 
 def check_finite(ctx: Context) -> list[Finding]:
-    result = _shared_scan(ctx)
+    result = shared_scan(ctx)
     bad = sorted(((n, s) for n, s in result.tensors.items() if s.nan or s.inf),
                  key=lambda item: -(item[1].nan + item[1].inf))
     if not bad:
@@ -44,7 +44,7 @@ def check_finite(ctx: Context) -> list[Finding]:
 
 def check_degenerate(ctx: Context) -> list[Finding]:
     """Constant tensors where the base's vary; without a base, constant matrices (never trained so)."""
-    result = _shared_scan(ctx)
+    result = shared_scan(ctx)
     flagged: list[str] = []
     for name, stats in sorted(result.tensors.items()):
         if not stats.constant or is_lora_key(name):  # leftover adapter tensors are WGT010's
@@ -66,7 +66,7 @@ def check_tied_embeddings(ctx: Context) -> list[Finding]:
     tied = ctx.model.config_value("tie_word_embeddings")
     if not isinstance(tied, bool):
         raise CheckSkipped("config.json does not set tie_word_embeddings; the model class decides")
-    result = _shared_scan(ctx)
+    result = shared_scan(ctx)
     names = set(ctx.model.tensor_names())
     embedding = embedding_name(names)
     if embedding is None:
@@ -92,7 +92,7 @@ def check_tied_embeddings(ctx: Context) -> list[Finding]:
 
 def check_weight_change(ctx: Context) -> list[Finding]:
     ctx.require_base()
-    result = _shared_scan(ctx)
+    result = shared_scan(ctx)
     rows = change_table(result)
     if not rows:
         raise CheckSkipped("no tensor of the model matches the base's name and shape (see WGT007 / WGT008)")

@@ -184,7 +184,8 @@ class CaseItem(pytest.Item):
                 else:
                     where += f" and in float32 ({exact_did})"
             if not adapter_fails:
-                verdict, lines = "merge", [f"attribution: passes on {where}: the merge broke it, not the fine-tune"]
+                verdict, lines = "merge", [f"attribution: passes on {where}: the merge broke it, not the fine-tune",
+                                           self.run.merge_verdict()]
             else:
                 say(f"attribution {self.name}: the same case on the base")
                 base_fails, base_did = self._run_on("reference")

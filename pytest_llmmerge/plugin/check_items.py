@@ -18,15 +18,16 @@ if TYPE_CHECKING:
 
 
 class CheckFailed(Exception):
-    def __init__(self, findings: list[Any], model: Path) -> None:
+    def __init__(self, findings: list[Any], model: Path, summary: str | None = None) -> None:
         super().__init__(findings)
         self.findings = findings
         self.model = model
+        self.summary = summary
 
 
 class CheckGroup(pytest.Collector):
     """One group of checks (integrity: files and headers; weights: tensor data; audit: the
-    merge, with --llm-audit-merge), one item per check of the registry."""
+    merge diagnosis, with a base and adapters), one item per check of the registry."""
 
     def __init__(self, *, group: str, run: LlmMergeRun, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -57,6 +58,7 @@ class CheckItem(pytest.Item):
         self.findings = [dataclasses.asdict(f) for f in outcome.findings]  # onto the report: see LlmMergeRun
         if self.check.figures is not None:  # tables the check computed: JUnit XML and the reports
             self.user_properties.extend(self.check.figures(context))
+        summary = self.check.summary(context) if self.check.summary is not None else None
         if outcome.skipped is not None:
             pytest.skip(outcome.skipped)
         with warnings.catch_warnings():
@@ -67,13 +69,15 @@ class CheckItem(pytest.Item):
                 warnings.warn(IntegrityWarning(f"{finding.render()} ({context.model.path / finding.file})"),
                               stacklevel=1)
         if outcome.errors:
-            raise CheckFailed(outcome.errors, context.model.path)
+            raise CheckFailed(outcome.errors, context.model.path, summary)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, BuildFailed):
             return f"{self.check.group} check {self.check.name!r}: {excinfo.value}"
         if isinstance(excinfo.value, CheckFailed):
             lines = [f"{self.check.group} check {self.check.name!r} failed on {excinfo.value.model}:"]
+            if excinfo.value.summary:
+                lines.append(f"  verdict: {excinfo.value.summary}")
             for finding in excinfo.value.findings:
                 lines.append(f"  {finding.code} {finding.file}: {finding.message}")
             return "\n".join(lines)

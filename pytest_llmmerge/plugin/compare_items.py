@@ -13,7 +13,6 @@ import pytest
 from .. import parity
 from ..backends import SCORING_BACKENDS
 from ..checkpoint import Checkpoint
-from ..merge_audit import worst_layers
 from ..parity import Sides
 from ..variants import BuildFailed
 from ..worker import DeadlineExceeded, WorkerError
@@ -130,16 +129,18 @@ class ParityItem(ComparisonItem):
             report = parity.compare_stage(runner, sides, parity.corpus_texts(corpora, settings.corpus),
                                           parity.greedy_prompts(), settings, deadline,
                                           blame=self._blame(chain, self.stage, dtype))
-            if not report.ok:  # which tensors lost the update: the merge-precision audit of this stage
-                worst, lines = worst_layers(Checkpoint(chain.stage(self.stage)), Checkpoint(chain.stage(self.stage - 1)),
-                                            chain.adapters[self.stage - 1])
-                report.details += lines
-                if worst:
-                    report.metrics["worst_layers"] = worst
+            if not report.ok:  # what the merge did to the weights: the diagnosis of this stage
+                verdict = self.run.merge_verdict(self.stage)
+                report.details.append(verdict)
+                report.metrics["merge_diagnosis"] = verdict
         else:
             report = parity.compare_reference(runner, sides if chain.n else None, ("reference", self.backend),
                                               parity.corpus_texts((), settings.corpus), settings, deadline,
                                               blame=self._blame(chain, chain.n, dtype) if chain.n else "")
+            if not report.ok and chain.n:
+                verdict = self.run.merge_verdict()
+                report.details.append(verdict)
+                report.metrics["merge_diagnosis"] = verdict
         if report.skipped:
             pytest.skip(report.skipped)
         self.conclude(report)

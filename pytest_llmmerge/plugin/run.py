@@ -27,8 +27,10 @@ from ..atomic import remove_dead_builds
 from ..backends import resolve_spec, unavailable
 from ..checkpoint import Checkpoint
 from ..checks import GROUPS
+from ..checks.audit import diagnosis_of
 from ..checks.base import Context
 from ..handles import VariantHandle
+from ..merge_diagnosis import diagnose
 from ..option_specs import OPTIONS
 from ..report import FINDINGS, versions
 from ..runner import Runner
@@ -65,6 +67,7 @@ class LlmMergeRun:
         self._sigterm: Any = None
         self.chain: Chain | None = None
         self.runner: Runner | None = None
+        self._verdicts: dict[int | None, str] = {}
 
     # -- life cycle ------------------------------------------------------------------------
     @classmethod
@@ -190,6 +193,27 @@ class LlmMergeRun:
                 audit_max_error=settings.audit_max_error, progress=self.say)
         return self._context
 
+    def merge_verdict(self, stage: int | None = None) -> str:
+        """The merge diagnosis's verdict in one line, for a failure that blames the merge: of
+        stage k against stage k-1 and adapter k, or (None) of the candidate against the base and
+        every adapter, which is the audit item's (tensors no adapter updates included).  Never
+        raises: a diagnosis that cannot run says why instead."""
+        chain = self.the_chain
+        key = None if stage is None or stage == chain.n == 1 else stage
+        if key not in self._verdicts:
+            what = "the merge" if key is None else f"stage {key}"
+            try:
+                if key is None:
+                    found = diagnosis_of(self.check_context())
+                else:
+                    found = diagnose(Checkpoint(chain.stage(key)), Checkpoint(chain.stage(key - 1)),
+                                     (chain.adapters[key - 1],))
+                verdict = f"merge diagnosis of {what}: {found.summary()}"
+            except Exception as exc:  # noqa: BLE001 (a failure it explains must still be reported)
+                verdict = f"merge diagnosis of {what} could not run: {type(exc).__name__}: {exc}"
+            self._verdicts[key] = verdict
+        return self._verdicts[key]
+
     def compute_dtype(self, spec: Any) -> str:
         """The concrete dtype a variant is computed in: its own (``name@dtype``), else
         --llm-dtype, else ("auto") the one its checkpoint (or, for ``name@as-other``, the
@@ -277,7 +301,8 @@ class LlmMergeRun:
         if self.suite_errors:
             raise pytest.UsageError("pytest-llmmerge: invalid suite\n" + "\n".join(self.suite_errors))
         settings = self.settings
-        groups = [group for group in GROUPS if group != "audit" or settings.audit_merge]
+        # The merge diagnosis runs whenever there are adapters to diagnose the candidate against.
+        groups = [group for group in GROUPS if group != "audit" or (settings.base is not None and settings.adapters)]
         path = settings.model or settings.base or self.config.rootpath
         items[:0] = [item for group in groups for item in _generated(CheckGroup.from_parent(
             session, name=group, nodeid=group, group=group, path=path, run=self))]
