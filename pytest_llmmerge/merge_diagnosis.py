@@ -19,8 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .merge_audit import MANTISSA_BITS, AuditError, Update, chain_updates, round_to, rounding_slack
-from .merge_verdicts import (GRID_BLOCK, Diagnosis, ModuleFigures, ModuleVerdict, ScaleOf, classify, coarser_dtypes,
-                             untouched_verdict)
+from .merge_verdicts import (
+    GRID_BLOCK,
+    Diagnosis,
+    ModuleFigures,
+    ModuleVerdict,
+    ScaleOf,
+    classify,
+    coarser_dtypes,
+    untouched_verdict,
+)
 from .safetensors_header import SafetensorsHeader, TensorInfo
 from .tensor_scan import CHUNK_ELEMENTS, TensorReader, WeightScan, locations
 

@@ -103,9 +103,10 @@ def _merge(base: Path, adapter: Path, recipe: str, out: Path, original: Path | N
     if recipe == "base-4bit":
         _quantized_(model)
     peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, local_files_only=True)
-    for name, layer in peft_model.named_modules():
-        if not isinstance(layer, LoraLayer):
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
             continue
+        layer: Any = module  # peft's layer attributes are untyped
         if recipe == "scale-x2":
             for key in layer.scaling:
                 layer.scaling[key] *= 2

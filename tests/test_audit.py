@@ -13,12 +13,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import bf16_merges
 import numpy as np
 import pytest
+from conftest import ADAPTERS, BASE, MERGED
 from safetensors.numpy import load_file, save_file
 
-import bf16_merges
-from conftest import ADAPTERS, BASE, MERGED
 from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.checks import checks_of
 from pytest_llmmerge.checks.audit import diagnosis_of

@@ -26,7 +26,7 @@ PARITY_ITEMS = ("parity::stage1[hf]", "parity::stage1[vllm]")
 def test_healthy_bf16_merge_passes_the_default_run(pytester: pytest.Pytester, recipe: str, smollm2_bf16: Path,
                                                    smollm2_lora: Path, bf16_merged: Callable[[str], Path]) -> None:
     """Every item of the default run passes: integrity and weights on save_pretrained's own side
-    files, the suites on both backends, parity at stage 1 and against the base on both backends,
+    files, the merge diagnosis (every adapted module exact), the suites on both backends, parity at stage 1 and against the base on both backends,
     and HF-vs-vLLM agreement."""
     merged = bf16_merged(recipe)
     result, outcomes = run_plugin(pytester, merged, base=smollm2_bf16, adapter=smollm2_lora,
@@ -37,7 +37,7 @@ def test_healthy_bf16_merge_passes_the_default_run(pytester: pytest.Pytester, re
     expected = [*PARITY_ITEMS, "parity::merged-vs-reference[hf]", "parity::merged-vs-reference[vllm]",
                 "agreement::hf-vs-vllm[merged]", "integrity::generation_config_vs_base",
                 "integrity::chat_template_vs_base", "integrity::weights_vs_base", "weights::finite",
-                "weights::tied_embeddings", "weights::change_vs_base",
+                "weights::tied_embeddings", "weights::change_vs_base", "audit::merge_diagnosis",
                 "smollm2.yaml::persona-en[merged-hf]", "smollm2.yaml::persona-en[merged-vllm]",
                 "smollm2.yaml::capital[merged-vllm]", "default_suite.yaml::chat-chinese[merged-vllm]"]
     missing = [item for item in expected if outcomes.get(item) != "PASSED"]

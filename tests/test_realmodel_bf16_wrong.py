@@ -18,6 +18,10 @@ from test_realmodel import failed, run_plugin, section
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(1500)]
 
 PARITY_ITEMS = ("parity::stage1[hf]", "parity::stage1[vllm]")
+# recipe -> what the merge diagnosis under the parity failure says of it (the whole verdicts:
+# tests/test_realmodel_diagnosis.py)
+DIAGNOSED = {"scale-x2": "(merged twice or the LoRA scale 2 applied twice)", "modules-skipped": "adapted modules missing",
+             "base-4bit": "150 of 150 adapted modules foreign", "base-as-merged": "nothing was merged"}
 
 
 @pytest.mark.parametrize("recipe", bf16_merges.WRONG)
@@ -35,3 +39,4 @@ def test_wrong_bf16_merge_fails_parity_on_hf_and_vllm(pytester: pytest.Pytester,
         text = section(output, item)
         assert "mean per-token KL" in text and "x noise" in text, text
         assert "To blame: the merge of adapter 1" in text, text
+        assert "merge diagnosis of the merge: " in text and DIAGNOSED[recipe] in text, text

@@ -1,4 +1,4 @@
-"""The real-model tier, part two: the tensor-data checks and the merge-precision audit on
+"""The real-model tier, part two: the tensor-data checks and the merge diagnosis on
 SmolLM2-135M-Instruct, its trained LoRA and their merge (fixtures in conftest.py).
 
 The field failures reproduced here: a merge computed in bfloat16 (peft #1388: W_bf16 != W + BA;
@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 import realmodel_support
 from pytest_llmmerge.checkpoint import Checkpoint
 from pytest_llmmerge.merge import MergeSpec, cached_merge
-from pytest_llmmerge.merge_audit import audit
+from pytest_llmmerge.merge_diagnosis import diagnose
 from test_realmodel import copy_model, failed, run_plugin, section
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(1500)]
@@ -40,11 +40,12 @@ def test_healthy_merge_passes_weights_and_audit(pytester: pytest.Pytester, smoll
                                   *FILE_CHECKS, base=smollm2_base, adapter=smollm2_lora, suites=())
     assert failed(outcomes) == [] and result.ret == 0, result.stdout.str()
     assert {"weights::finite", "weights::tied_embeddings", "weights::change_vs_base",
-            "audit::merge_precision"} <= set(outcomes)
+            "audit::merge_diagnosis"} <= set(outcomes)
     report = json.loads((pytester.path / "report.json").read_text())
-    audit_item = next(i for i in report["items"] if i["nodeid"] == "audit::merge_precision")
-    errors = [v for k, v in audit_item["metrics"].items() if k.startswith("merge_audit_error:")]
-    assert len(errors) == 150 and max(errors) < 1e-4  # 30 layers x 5 projections, float32: ~1e-6
+    audit_item = next(i for i in report["items"] if i["nodeid"] == "audit::merge_diagnosis")
+    rows = audit_item["metrics"]["merge_diagnosis_modules"]
+    assert audit_item["metrics"]["merge_diagnosis"] == "all 150 adapted modules exact (within float32 rounding)"
+    assert len(rows) == 150 and max(row["error"] for row in rows) < 1e-4  # 30 layers x 5 projections, float32
     change = next(i for i in report["items"] if i["nodeid"] == "weights::change_vs_base")["metrics"]
     layers = {k: v for k, v in change.items() if k.startswith("weight_change:model.layers.")}
     assert len(layers) == 30 and 0 < min(layers.values()) and max(layers.values()) < 0.05
@@ -52,16 +53,18 @@ def test_healthy_merge_passes_weights_and_audit(pytester: pytest.Pytester, smoll
 
 def test_bf16_merge_precision_loss_is_caught(pytester: pytest.Pytester, smollm2_base: Path,
                                             smollm2_lora: Path, smollm2_bf16_merge: Path) -> None:
-    result = audit(Checkpoint(smollm2_bf16_merge), Checkpoint(smollm2_base), (smollm2_lora,))
+    """peft #1388 on the real model: merged in bfloat16 and cast back to float32."""
+    diagnosis = diagnose(Checkpoint(smollm2_bf16_merge), Checkpoint(smollm2_base), (smollm2_lora,))
     # A real LoRA's update is 0.4-2 % of |W|; bfloat16 keeps 8 bits of |W|: most of it rounds off.
-    assert result.overall_error() > 0.1
-    assert max(layer.vanished for layer in result.layers) > 0.01  # entries that did not move at all
-    result_run, outcomes = run_plugin(pytester, smollm2_bf16_merge, "--llm-audit-merge", *FILE_CHECKS,
+    assert all(m.verdict == "rounded" and m.precision == "BF16" and m.error > 0.05 for m in diagnosis.modules)
+    assert max(m.vanished for m in diagnosis.modules) > 0.01  # entries that did not move at all
+    result_run, outcomes = run_plugin(pytester, smollm2_bf16_merge, *FILE_CHECKS,
                                       base=smollm2_base, adapter=smollm2_lora, suites=())
     output = result_run.stdout.str()
-    assert failed(outcomes) == ["audit::merge_precision"], output
-    text = section(output, "audit::merge_precision")
-    assert "MRG001" in text and "Worst: model.layers." in text and "merge in float32" in text, text
+    assert failed(outcomes) == ["audit::merge_diagnosis"], output
+    text = section(output, "audit::merge_diagnosis")
+    assert "MRG001" in text and "150 of 150 adapted modules rounded" in text and "merge in float32" in text, text
+    assert "the merge ran in bfloat16" in text, text
 
 
 def test_tied_embedding_divergence(pytester: pytest.Pytester, tmp_path: Path, smollm2_base: Path,
