@@ -108,7 +108,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "bisect", "--llm-bisect", "llm_bisect", "LLMMERGE_BISECT", "bool",
         "when a suite case fails on the merged model of a chain, find the first stage that fails it by "
-        "bisection (about log2(n) builds, cached) and name that stage's adapter",
+        "bisection (about log2(n) builds, cached) and name that stage's adapter; when the base fails it too, "
+        "first search for a passing stage (stage 1, then midpoints) and name the stage that broke it again",
     ),
     OptionSpec(
         "report", "--llm-report", "llm_report", "LLMMERGE_REPORT", "path",

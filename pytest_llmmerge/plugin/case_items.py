@@ -5,14 +5,14 @@ model's failure says whether the merge or the fine-tune broke it, and which stag
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ..backends.base import GenRequest
-from ..bisection import Probe, bisect_stages
+from ..bisection import Bisection, Probe, bisect_stages
 from ..expectations import evaluate
 from ..runner import Pending
 from ..suite import SuiteError, load_suite
@@ -79,6 +79,20 @@ class CaseFailed(Exception):
 
 def _cut(text: str, limit: int) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f" ... ({len(text)} characters)"
+
+
+def _bisect_metrics(found: Bisection, adapters: Sequence[Path]) -> list[tuple[str, object]]:
+    """The report's bisection figures.  Never fixed: no first failing stage after a passing one
+    and no adapter to blame, so both are None (not 0, which reads as a stage) and
+    `bisect_never_fixed` says why."""
+    if found.never_fixed:
+        return [("bisect_first_failing_stage", None), ("bisect_adapter", None),
+                ("bisect_last_passing_stage", None), ("bisect_fixed_by_stage", None), ("bisect_never_fixed", True)]
+    return [("bisect_first_failing_stage", found.first_bad),
+            ("bisect_adapter", str(adapters[found.first_bad - 1])),
+            ("bisect_last_passing_stage", found.last_good),
+            ("bisect_fixed_by_stage", found.fixed_by),
+            ("bisect_never_fixed", False)]
 
 
 class CaseItem(pytest.Item):
@@ -222,9 +236,7 @@ class CaseItem(pytest.Item):
             found = bisect_stages(chain.n, probe, last=Probe(chain.n, True, reason))
         except Exception as exc:  # a build or load that fails must not hide the case's own failure
             return [f"bisect could not finish: {type(exc).__name__}: {exc}"]
-        self.user_properties += [("bisect_first_failing_stage", found.first_bad),
-                                 ("bisect_adapter", str(chain.adapters[found.first_bad - 1]) if found.first_bad
-                                  else None)]
+        self.user_properties += _bisect_metrics(found, chain.adapters)
         return found.lines(chain.adapters, chain.built_now)
 
     def _upcoming(self) -> list[CaseItem]:
