@@ -43,7 +43,12 @@ def rounding_slack(adapters: int) -> float:
 
 
 class AuditError(ValueError):
-    """An adapter that cannot be audited against this base and candidate (the message says why)."""
+    """An adapter that cannot be audited against this base and candidate: the message says why,
+    `file` which file is at fault (a path; relative ones are the candidate's own files)."""
+
+    def __init__(self, message: str, file: Path | str = ADAPTER_CONFIG) -> None:
+        super().__init__(message)
+        self.file = str(file)
 
 
 @dataclass(frozen=True)
@@ -109,18 +114,20 @@ def adapter_updates(adapter: Path, index: int = 0) -> tuple[dict[str, Update], l
     try:
         config = adapter_config(adapter)
     except ValueError as exc:
-        raise AuditError(str(exc)) from None
+        raise AuditError(str(exc), config_path) from None
     if config.get("peft_type") != "LORA":
-        raise AuditError(f"{config_path}: peft_type {config.get('peft_type')!r} is not audited (LoRA only)")
+        raise AuditError(f"{config_path}: peft_type {config.get('peft_type')!r} is not audited (LoRA only)",
+                         config_path)
     if config.get("use_dora"):
         raise AuditError(f"{config_path}: DoRA rescales the merged weight by a learned magnitude; the audit "
-                         "covers plain LoRA only")
+                         "covers plain LoRA only", config_path)
     ckpt = Checkpoint(adapter)
+    weights = adapter / ADAPTER_WEIGHTS
     if not ckpt.has(ADAPTER_WEIGHTS):
-        raise AuditError(f"{adapter}: no {ADAPTER_WEIGHTS} (pickled adapters are not read)")
+        raise AuditError(f"{adapter}: no {ADAPTER_WEIGHTS} (pickled adapters are not read)", weights)
     header = ckpt.header(ADAPTER_WEIGHTS)
     if isinstance(header, HeaderError):
-        raise AuditError(f"{adapter / ADAPTER_WEIGHTS}: {header}")
+        raise AuditError(f"{weights}: {header}", weights)
     alpha = float(config.get("lora_alpha") or LORA_DEFAULT_ALPHA)
     rank = float(config.get("r") or LORA_DEFAULT_RANK)
     rslora = bool(config.get("use_rslora"))
@@ -142,9 +149,12 @@ def adapter_updates(adapter: Path, index: int = 0) -> tuple[dict[str, Update], l
         a_key = kinds.get("lora_embedding_A" if embedding else "lora_A")
         b_key = kinds.get("lora_embedding_B" if embedding else "lora_B")
         if a_key is None or b_key is None:
-            raise AuditError(f"{adapter / ADAPTER_WEIGHTS}: {module} has only one of its two LoRA factors")
+            raise AuditError(f"{weights}: {module} has only one of its two LoRA factors", weights)
         a = read_whole(ckpt, ADAPTER_WEIGHTS, a_key).astype(np.float64)
         b = read_whole(ckpt, ADAPTER_WEIGHTS, b_key).astype(np.float64)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise AuditError(f"{weights}: {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not share "
+                             "a rank (A is r x in, B is out x r)", weights)
         name = module.removeprefix(_PEFT_PREFIX)
         r = _pattern_value(config.get("rank_pattern"), name, rank)
         module_alpha = _pattern_value(config.get("alpha_pattern"), name, alpha)
@@ -163,7 +173,13 @@ def chain_updates(adapters: Sequence[Path]) -> tuple[dict[str, list[Update]], li
     updates: dict[str, list[Update]] = {}
     notes: list[str] = []
     replaced: set[str] = set()
+    seen: dict[Path, int] = {}
     for index, adapter in enumerate(adapters):
+        first = seen.setdefault(Path(adapter).resolve(), index)
+        if first != index:
+            raise AuditError(f"--llm-adapter {adapter} is given twice (adapters {first + 1} and {index + 1}): if it "
+                             "was merged twice, that is the mistake to find; give each adapter once",
+                             Path(adapter) / ADAPTER_CONFIG)
         found, skipped, replaces = adapter_updates(adapter, index)
         notes += skipped
         replaced |= replaces

@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import LM_HEAD_SUFFIXES, Checkpoint, embedding_name
+from .file_names import ADAPTER_WEIGHTS, CONFIG
 from .merge_audit import MANTISSA_BITS, AuditError, Update, chain_updates, round_to, rounding_slack
 from .merge_verdicts import (
     GRID_BLOCK,
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 Where = tuple[str, SafetensorsHeader, TensorInfo]
 # Values per block the rounding floors are estimated from (see _figures).
 _SAMPLE = 1 << 17
+# Values of one weight the figures are summed over at most (16 Mi: every weight of a 7B model
+# whole; a 70B's 235 M-value MLP weights on every 14th block of rows).
+DIAGNOSED_VALUES = 1 << 24
 
 
 def _floor_dtypes(dtype: str) -> list[str]:
@@ -54,10 +58,11 @@ def _dot(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> float:
     return float(np.einsum("i,i->", a, b))
 
 
-def _row_blocks(reader: TensorReader, where: Where, rows_per_block: int) -> Iterator[np.ndarray[Any, Any]]:
+def _row_blocks(reader: TensorReader, where: Where, rows_per_block: int,
+                every: int = 1) -> Iterator[np.ndarray[Any, Any]]:
     info = where[2]
     columns = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
-    for flat in reader.chunks(*where, elements=rows_per_block * columns):
+    for flat in reader.chunks(*where, elements=rows_per_block * columns, every=every):
         yield flat.reshape(-1, columns)
 
 
@@ -70,15 +75,25 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
     rows, columns = info.shape[0], math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     square = rows == columns and len(info.shape) == 2
     rows_per_block = max(1, CHUNK_ELEMENTS // max(columns, 1))
+    # Every figure is a sum over values: past DIAGNOSED_VALUES, an evenly spread systematic
+    # sample of row blocks (every k-th, from the first to the last rows) stands for the weight.
+    every = max(1, math.ceil(rows * columns / DIAGNOSED_VALUES))
     m = len(updates)
     gram = np.zeros((m, m))
     along = np.zeros(m)
-    along_t = change_sq = error_sq = base_sq = 0.0
-    floors = dict.fromkeys(_floor_dtypes(info.dtype), 0.0)
-    nonfinite = moved = vanished = 0
-    start = 0
-    for cand_rows, base_rows in zip(_row_blocks(readers[0], candidate, rows_per_block),
-                                    _row_blocks(readers[1], base, rows_per_block)):
+    base_along = np.zeros(m)
+    along_t = transposed_sq = change_sq = error_sq = base_sq = 0.0
+    base_dtype = base[2].dtype
+    floors = dict.fromkeys(_floor_dtypes(info.dtype) + [base_dtype], 0.0)
+    # The coarser of the two dtypes: what a perfect merge at the base's or the candidate's own
+    # precision keeps of the update, on the sample (<D_perfect, U>, |D_perfect|^2, |U|^2).
+    perfect_dtype = min(info.dtype, base_dtype, key=lambda d: MANTISSA_BITS.get(d, 24))
+    kept = kept_sq = sampled_sq = 0.0
+    sampled_n = 0
+    nonfinite = moved = vanished = values = 0
+    for block, (cand_rows, base_rows) in enumerate(zip(_row_blocks(readers[0], candidate, rows_per_block, every),
+                                                       _row_blocks(readers[1], base, rows_per_block, every))):
+        start = block * every * rows_per_block
         stop = start + cand_rows.shape[0]
         parts = [u.factors.rows(start, stop).ravel() for u in updates]
         delta = parts[0] if m == 1 else np.sum(parts, axis=0)
@@ -90,8 +105,10 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
             nonfinite += int(np.count_nonzero(bad))
             w_cand = np.where(bad, w_base + delta, w_cand)
         change = w_cand - w_base
+        values += change.size
         for i, part in enumerate(parts):
             along[i] += _dot(part, change)
+            base_along[i] += _dot(part, w_base)
             for j in range(i, m):
                 gram[i, j] += _dot(part, parts[j])
         change_sq += _dot(change, change)
@@ -99,8 +116,9 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
         error_sq += _dot(error, error)
         base_sq += _dot(w_base, w_base)
         if square:
-            transposed = sum(u.factors.transposed_rows(start, stop) for u in updates)
-            along_t += _dot(change, np.ravel(transposed))
+            transposed = np.ravel(sum(u.factors.transposed_rows(start, stop) for u in updates))
+            along_t += _dot(change, transposed)
+            transposed_sq += _dot(transposed, transposed)  # |U^T| = |U| over whole rows only
         # The rounding floors, the share of the update rounded away and where it vanished are
         # statistics of every value alike: a systematic sample of the block estimates them
         # (unbiased, to ~1/sqrt(sample) relative), at a fraction of the cost of every value.
@@ -110,16 +128,23 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
             for dtype in floors:
                 lost = round_to(reference, dtype) - reference
                 floors[dtype] += _dot(lost, lost) * step
+            perfect = round_to(reference, perfect_dtype) - w_base[::step]
+        sampled = delta[::step]
+        kept += _dot(perfect, sampled) * step
+        kept_sq += _dot(perfect, perfect) * step
+        sampled_sq += _dot(sampled, sampled) * step
+        sampled_n += sampled.size
         touched = delta[::step] != 0
         moved += int(np.count_nonzero(touched))
         vanished += int(np.count_nonzero(touched & (w_cand[::step] == w_base[::step])))
-        start = stop
     gram = np.triu(gram) + np.triu(gram, 1).T
     update_sq = float(gram.sum())
     return ModuleFigures(
-        tensor=name, dtype=info.dtype, update_sq=update_sq, change_sq=change_sq, error_sq=error_sq,
+        tensor=name, dtype=info.dtype, base_dtype=base_dtype, values=values, update_sq=update_sq,
+        change_sq=change_sq, error_sq=error_sq, base_sq=base_sq, base_along=tuple(float(v) for v in base_along),
+        perfect=(kept, kept_sq, sampled_sq, sampled_n),
         gram=tuple(tuple(float(v) for v in row) for row in gram), along=tuple(float(v) for v in along),
-        along_transposed=along_t if square else None,
+        along_transposed=along_t if square else None, transposed_sq=transposed_sq if square else None,
         floors={dtype: math.sqrt(value) if math.isfinite(value) else math.inf for dtype, value in floors.items()},
         adapters=tuple(u.adapter for u in updates), scales=tuple(ScaleOf(u.rank, u.alpha, u.rslora) for u in updates),
         nonfinite=nonfinite, vanished=vanished / moved if moved else 0.0,
@@ -202,24 +227,34 @@ def diagnose(candidate: Checkpoint, base: Checkpoint, adapters: Sequence[Path], 
     diagnosis = Diagnosis(not_audited=notes)
     cand_at, cand_unread = locations(candidate)
     base_at, _ = locations(base)
+    # A LoRA on lm_head of a tied model updates the one matrix saved as the embedding.
+    for located in (base_at, cand_at):
+        embedding = embedding_name(located)
+        for name in updates:
+            if name not in located and name.endswith(LM_HEAD_SUFFIXES) and embedding is not None:
+                located[name] = located[embedding]
     missing = sorted(n for n in updates if n not in base_at)
     if missing:
         raise AuditError(f"the adapters update {len(missing)} tensor(s) the base does not hold (wrong base, or "
-                         f"a model with another naming): {', '.join(missing[:4])}")
+                         f"a model with another naming): {', '.join(missing[:4])}", base.path / CONFIG)
     slack = rounding_slack(len(adapters))
     readers = (TensorReader(candidate), TensorReader(base))
     say(f"merge diagnosis: {len(updates)} weights updated by {len(adapters)} adapter(s)")
     try:
         for number, (name, ups) in enumerate(sorted(updates.items()), 1):
             if name not in cand_at:
-                diagnosis.not_audited.append(f"{name}: {cand_unread.get(name, 'is missing from the candidate (WGT007)')}")
+                why = cand_unread.get(name, "is missing from the candidate (WGT007)")
+                diagnosis.unreadable.append(f"{name}: {why}")
                 continue
             info, base_info = cand_at[name][2], base_at[name][2]
             first = ups[0].factors
             if info.shape != base_info.shape or (info.shape[0], math.prod(info.shape[1:])) != \
                     (first.left.shape[0], first.right.shape[1]):
+                at_fault = cand_at[name][0] if info.shape != base_info.shape else \
+                    Path(adapters[ups[0].adapter]) / ADAPTER_WEIGHTS
                 raise AuditError(f"{name}: candidate {list(info.shape)}, base {list(base_info.shape)}, "
-                                 f"adapter update {[first.left.shape[0], first.right.shape[1]]}: shapes do not fit")
+                                 f"adapter {ups[0].adapter + 1} update {[first.left.shape[0], first.right.shape[1]]}: "
+                                 "shapes do not fit", at_fault)
             figures = _figures(name, cand_at[name], base_at[name], ups, readers)
             if figures.update_sq == 0:
                 diagnosis.not_audited.append(f"{name}: the adapters' update is exactly zero")

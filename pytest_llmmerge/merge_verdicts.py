@@ -47,6 +47,8 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # a quantization grid: real weights hold ~64 levels per 64 values, a 4-bit grid at most 16.
 GRID_BLOCK = 64
 GRID_MAX_LEVELS = 16
+# Standard errors a least-squares factor must lie from 0 to count as a share of the update kept.
+SIGNIFICANCE = 5.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,14 @@ class ModuleFigures:
     floors: dict[str, float]  # dtype -> |round_dtype(W_base + U) - (W_base + U)|
     adapters: tuple[int, ...]  # the chain places of the adapters updating it
     scales: tuple[ScaleOf, ...]
+    base_dtype: str = "F32"  # the base's storage dtype
+    values: int = 0  # how many values the sums run over
+    base_sq: float = 0.0  # |W_base|^2
+    base_along: tuple[float, ...] = ()  # <W_base, U_i>
+    # What a perfect merge rounded to the coarser of the two dtypes keeps, on a sample of the
+    # values: (<D_perfect, U>, |D_perfect|^2, |U|^2, sampled values), each sum scaled to the whole.
+    perfect: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
+    transposed_sq: float | None = None  # |U^T|^2 over the rows summed (|U|^2 when all are)
     nonfinite: int = 0
     vanished: float = 0.0  # share of the updated entries still holding the base's value
     update_over_weight: float = 0.0  # |U| / |W_base|
@@ -157,7 +167,17 @@ def scale_hints(k: float, scale: ScaleOf) -> list[str]:
         known.append((1 / applied, f"the LoRA scale {applied:.3g} never applied"))
         known.append((applied, f"the LoRA scale {applied:.3g} applied twice"))
     return [name for value, name in known
-            if (abs(k) < 0.03 if value == 0 else abs(k - value) <= 0.03 * abs(value))]
+            if (abs(k) < 0.005 if value == 0 else abs(k - value) <= 0.03 * abs(value))]
+
+
+def _significant(along: float, along_sq: float, update_sq: float, count: int) -> tuple[float, bool]:
+    """(k, k clearly not 0): the least-squares factor of the update in a change, and whether it
+    lies more than SIGNIFICANCE standard errors from 0 (the residual taken as the noise)."""
+    if update_sq <= 0 or count < 2:
+        return 0.0, False
+    k = along / update_sq
+    error = math.sqrt(max(along_sq - k * along, 0.0) / (count - 1) / update_sq)
+    return k, abs(k) > SIGNIFICANCE * error
 
 
 def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
@@ -165,9 +185,12 @@ def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
     norm = math.sqrt(fig.update_sq)
     total_along = sum(fig.along)
     factors = _least_squares(fig.gram, fig.along) if norm else tuple(0.0 for _ in fig.adapters)
-    transposed_scale = fig.along_transposed / fig.update_sq if fig.along_transposed is not None and norm else None
-
-    own_reach = max(fig.floors.get(fig.dtype, 0.0), fig.floors.get("F32", 0.0))
+    t_sq = fig.update_sq if fig.transposed_sq is None else fig.transposed_sq
+    transposed_scale = fig.along_transposed / t_sq if fig.along_transposed is not None and t_sq else None
+    # A merge at the base's own precision is no fault: the coarser of the base's and the
+    # candidate's dtypes is the rounding every explanation may cost.
+    own = min(fig.dtype, fig.base_dtype, key=lambda d: MANTISSA_BITS.get(d, 24))
+    own_reach = max(fig.floors.get(fig.dtype, 0.0), fig.floors.get(own, 0.0), fig.floors.get("F32", 0.0))
     resolved = fig.update_sq > (slack * own_reach) ** 2
 
     def verdict(name: str, precision: str, hints: Sequence[str] = ()) -> ModuleVerdict:
@@ -186,18 +209,29 @@ def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
     # (its rounding is 1e-16 of |D|^2, the residuals judged are 1e-14 of it and more).
     scaled_sq = max(fig.change_sq - sum(k * b for k, b in zip(factors, fig.along)), 0.0)
     transposed_sq = math.inf
-    if fig.along_transposed is not None and norm:
-        transposed_sq = max(fig.change_sq - fig.along_transposed ** 2 / fig.update_sq, 0.0)
-    for precision in [fig.dtype, *coarser_dtypes(fig.dtype)]:
-        reach = max(fig.floors.get(precision, 0.0), fig.floors.get(fig.dtype, 0.0), fig.floors.get("F32", 0.0))
+    if fig.along_transposed is not None and t_sq:
+        transposed_sq = max(fig.change_sq - fig.along_transposed ** 2 / t_sq, 0.0)
+    # Rounding grows with the values rounded: W + sum k_i U_i against W + U.
+    import numpy as np
+
+    gram = np.array(fig.gram, dtype=np.float64)
+    ks = np.array(factors, dtype=np.float64)
+    along_base = np.array(fig.base_along or [0.0] * len(factors), dtype=np.float64)
+    scaled_size = fig.base_sq + 2 * float(ks @ along_base) + float(ks @ gram @ ks)
+    merged_size = fig.base_sq + 2 * float(along_base.sum()) + fig.update_sq
+    growth = math.sqrt(max(1.0, scaled_size / merged_size)) if merged_size > 0 else 1.0
+    for precision in [own, *coarser_dtypes(own)]:
+        reach = max(fig.floors.get(precision, 0.0), own_reach)
         if not math.isfinite(reach):
             continue  # the update overflows that dtype: no merge there stayed finite
         tolerance_sq = (slack * reach) ** 2
         if fig.error_sq <= tolerance_sq:
-            return verdict("exact" if precision == fig.dtype else "rounded", precision)
+            if precision == own and fig.change_sq <= tolerance_sq and _unmerged(fig):
+                return verdict("missing", precision)
+            return verdict("exact" if precision == own else "rounded", precision)
         if fig.change_sq <= tolerance_sq:
             return verdict("missing", precision)
-        if scaled_sq <= tolerance_sq:
+        if scaled_sq <= tolerance_sq * growth ** 2:
             hints = []
             for k, adapter, scale in zip(factors, fig.adapters, fig.scales):
                 named = scale_hints(k, scale) if abs(k - 1) > 0.03 else []
@@ -207,6 +241,16 @@ def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
         if transposed_sq <= tolerance_sq:
             return verdict("transposed", precision)
     return verdict("foreign", fig.dtype)
+
+
+def _unmerged(fig: ModuleFigures) -> bool:
+    """An update smaller than rounding, so D = U and D = 0 both fit value by value: still, a
+    perfect merge keeps a share of it (values near a rounding boundary move), which a factor far
+    from 0 shows over many values.  Unmerged: that share is clearly not 0, the candidate's is."""
+    kept, kept_sq, sampled_sq, count = fig.perfect
+    k_perfect, perfect_kept = _significant(kept, kept_sq, sampled_sq, count)
+    _, candidate_kept = _significant(sum(fig.along), fig.change_sq, fig.update_sq, fig.values)
+    return perfect_kept and k_perfect > 0.02 and not candidate_kept
 
 
 # --- a tensor no adapter touches --------------------------------------------------------------
@@ -243,6 +287,7 @@ class Diagnosis:
     modules: list[ModuleVerdict] = field(default_factory=list)
     untouched: list[UntouchedVerdict] = field(default_factory=list)
     not_audited: list[str] = field(default_factory=list)  # what was left out, and why
+    unreadable: list[str] = field(default_factory=list)  # adapted weights the candidate lacks or cannot give
     untouched_compared: int = 0  # tensors no adapter updates that were compared with the base
     identical_to_base: bool = False  # every compared tensor is bit-identical to the base's
     seconds: float = 0.0
@@ -259,8 +304,16 @@ class Diagnosis:
 
 
 def module_kind(tensor: str) -> str:
-    """k_proj of model.layers.3.self_attn.k_proj.weight: what the summary groups by."""
-    return tensor.removesuffix(".weight").rsplit(".", 1)[-1]
+    """self_attn.k_proj of model.layers.3.self_attn.k_proj.weight: what the summary groups by
+    (the path inside a layer; the name itself outside the layers)."""
+    inside = _LAYER_INDEX.split(tensor.removesuffix(".weight"))
+    return inside[-1] if len(inside) > 1 else tensor.removesuffix(".weight")
+
+
+def _short_kinds(kinds: Sequence[str]) -> dict[str, str]:
+    """k_proj for self_attn.k_proj, unless another kind ends the same (attn.c_proj, mlp.c_proj)."""
+    last = [kind.rsplit(".", 1)[-1] for kind in kinds]
+    return {kind: short if last.count(short) == 1 else kind for kind, short in zip(kinds, last)}
 
 
 def _layer(tensor: str) -> str | None:
@@ -279,13 +332,14 @@ def where(chosen: Sequence[str], among: Sequence[str]) -> str:
     for tensor in chosen:
         kinds.setdefault(module_kind(tensor), []).append(tensor)
     total = {kind: sum(1 for t in among if module_kind(t) == kind) for kind in kinds}
+    short = _short_kinds(list(dict.fromkeys(module_kind(t) for t in among)))
     every = [kind for kind, tensors in kinds.items() if len(tensors) == total[kind]]
-    parts = ["every " + _and(every)] if every else []
+    parts = ["every " + _and([short[kind] for kind in every])] if every else []
     for kind, tensors in kinds.items():
         if kind not in every:
             layers = [layer for layer in (_layer(t) for t in tensors) if layer is not None]
             at = f" in layers {', '.join(layers[:6])}{' ...' if len(layers) > 6 else ''}" if layers else ""
-            parts.append(f"{kind}{at} ({len(tensors)} of {total[kind]})")
+            parts.append(f"{short[kind]}{at} ({len(tensors)} of {total[kind]})")
     return "; ".join(parts)
 
 
@@ -321,7 +375,7 @@ def class_part(diagnosis: Diagnosis, verdict: str) -> str:
     """The summary's part on one verdict: how many, which, with the figures that name the mistake."""
     modules = diagnosis.of(verdict)
     count = f"{len(modules)} of {len(diagnosis.modules)} adapted modules {verdict}"
-    placed = where([m.tensor for m in modules], [m.tensor for m in diagnosis.modules if m.resolved or m in modules])
+    placed = where([m.tensor for m in modules], [m.tensor for m in diagnosis.modules])
     if verdict == "missing":
         detail = "no change beyond rounding where the update is not zero"
     elif verdict == "scaled":
@@ -332,7 +386,8 @@ def class_part(diagnosis: Diagnosis, verdict: str) -> str:
     elif verdict == "rounded":
         coarse = sorted({DTYPE_NAMES.get(m.precision, m.precision) for m in modules})
         detail = (f"lost {_pct([m.error for m in modules])} of the update where {_dtypes(modules)} storage forces "
-                  f"{_pct([m.floor for m in modules])}: the merge ran in {' or '.join(coarse)}")
+                  f"{_pct([m.floor for m in modules])}: the merge ran in {' or '.join(coarse)}, or into a base "
+                  "rounded to it")
     elif verdict == "overflow":
         detail = f"{sum(m.nonfinite for m in modules)} values Inf/NaN: the merge overflowed its dtype's range"
     else:  # foreign
@@ -356,17 +411,16 @@ def _unresolved(modules: Sequence[ModuleVerdict]) -> str:
     hidden = [m for m in modules if not m.resolved]
     if not hidden:
         return ""
-    return (f"; in {len(hidden)} of them the update is below {_dtypes(hidden)} rounding, so merged or not cannot "
-            "be told")
+    return (f"; in {len(hidden)} of them the update is below {_dtypes(hidden)} rounding, judged by the share of it "
+            "they keep")
 
 
 def summarize(diagnosis: Diagnosis) -> str:
     if not diagnosis.modules:
         return "no adapted module could be diagnosed"
-    resolved = [m for m in diagnosis.modules if m.resolved]
-    if resolved and all(m.verdict == "missing" for m in resolved) and diagnosis.identical_to_base:
-        return (f"nothing was merged: the {len(resolved)} adapted modules whose update rounding cannot hide hold the "
-                f"base's weights, and every tensor is bit-identical to the base (the base saved as the merge)")
+    if diagnosis.identical_to_base and all(m.verdict == "missing" for m in diagnosis.modules):
+        return (f"nothing was merged: all {len(diagnosis.modules)} adapted modules hold the base's weights, and every "
+                "tensor is bit-identical to the base (the base saved as the merge)")
     parts = [class_part(diagnosis, verdict) for verdict in ADAPTED_CLASSES[:-1] if diagnosis.of(verdict)]
     exact = diagnosis.of("exact")
     if not parts:
@@ -380,5 +434,6 @@ def summarize(diagnosis: Diagnosis) -> str:
         parts.append(f"{len(changed)} of {diagnosis.untouched_compared} tensors no adapter updates changed (by "
                      f"{_span([u.change for u in changed], decimals=None)} of their norm"
                      + ("; they lie on a quantization grid: the base was quantized" if on_grid else "") + "): "
-                     + _and(sorted({module_kind(u.tensor) for u in changed})))
+                     + _and(sorted(set(_short_kinds(list(dict.fromkeys(module_kind(u.tensor) for u in changed)))
+                                       .values()))))
     return "; ".join(parts)

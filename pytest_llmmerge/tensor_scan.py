@@ -106,9 +106,10 @@ class TensorReader:
         self.handles.clear()
 
     def chunks(self, shard: str, header: SafetensorsHeader, info: TensorInfo,
-               elements: int | None = None) -> Iterator[np.ndarray[Any, Any]]:
-        """Flat float chunks of `elements` values (default CHUNK_ELEMENTS, the last one shorter);
-        each is only valid until the next is taken, since they share this reader's buffer."""
+               elements: int | None = None, every: int = 1) -> Iterator[np.ndarray[Any, Any]]:
+        """Flat float chunks of `elements` values (default CHUNK_ELEMENTS, the last one shorter),
+        only every `every`-th of them (the rest are not read); each is only valid until the next
+        is taken, since they share this reader's buffer."""
         import numpy as np
 
         if elements is None:
@@ -123,7 +124,7 @@ class TensorReader:
         if len(self.buffer) < min(elements, total) * width:
             self.buffer = bytearray(min(elements, total) * width)
         view = memoryview(self.buffer)
-        for start in range(0, total, elements):
+        for start in range(0, total, elements * every):
             count = min(elements, total - start)
             nbytes = count * width
             handle.seek(offset + start * width)

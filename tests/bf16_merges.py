@@ -38,7 +38,7 @@ DIAGNOSIS_WRONG = (*WRONG, "rslora-confusion", "transposed", "fp16-merge")
 FLOAT32_RELEASES = ("fp32-save", "fp16-merge")
 SKIPPED_MODULES = ("o_proj", "down_proj")
 QUANT_BITS, QUANT_GROUP = 4, 64
-RECIPE_VERSION = 1  # bump when a recipe changes what it writes
+RECIPE_VERSION = 2  # bump when a recipe changes what it writes
 
 
 def _save(model: Any, tokenizer: Any, out: Path) -> None:
@@ -89,13 +89,12 @@ def _merge(base: Path, adapter: Path, recipe: str, out: Path, original: Path | N
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    if recipe == "fp32-cast":
+    if recipe in ("fp32-cast", "fp16-merge"):
         if original is None:
-            raise ValueError("recipe 'fp32-cast' merges into the float32 original: pass original=")
-        model, tokenizer = _load(original, "float32")
+            raise ValueError(f"recipe {recipe!r} merges into the float32 original: pass original=")
+        model, tokenizer = _load(original, "float16" if recipe == "fp16-merge" else "float32")
     else:
-        load = {"peft-bf16": "bfloat16", "fp16-merge": "float16"}.get(recipe, "float32")
-        model, tokenizer = _load(base, load)
+        model, tokenizer = _load(base, "bfloat16" if recipe == "peft-bf16" else "float32")
     release = torch.float32 if recipe in FLOAT32_RELEASES else torch.bfloat16
     if recipe == "base-as-merged":
         _save(model.to(release), tokenizer, out)

@@ -59,7 +59,7 @@ def test_each_failure_names_the_merge_the_fine_tune_or_the_base(pytester: pytest
     # Nobody writes that text: the base already fails the case.
     assert items["impossible[merged-hf]"]["metrics"]["attribution"] == "base", output
     assert items["impossible[merged-hf]"]["outcome"] == "failed", output  # the user's own case stays red
-    result.stdout.fnmatch_lines(["*the base already fails this case and the fine-tune did not fix it"])
+    result.stdout.fnmatch_lines(["*the base already fails this case and the fine-tune, unmerged, does not pass it either*"])
 
 
 def _never_stopping(source: Path, out: Path) -> Path:

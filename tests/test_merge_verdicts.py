@@ -155,3 +155,22 @@ def test_levels_per_block_tells_a_quantization_grid_from_real_weights() -> None:
     stored = _rounded(on_grid + 1e-3, "BF16")
     half_ulp = np.ldexp(1.0, np.frexp(stored)[1] - 9)
     assert levels_per_block(stored - 1e-3, half_ulp) <= GRID_MAX_LEVELS
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=merges())
+def test_a_sample_of_row_blocks_names_the_same_mistake(tmp_path_factory: pytest.TempPathFactory,
+                                                       case: dict[str, Any]) -> None:
+    """Past DIAGNOSED_VALUES a weight is diagnosed on every k-th block of rows: here blocks of a
+    few rows and a cap of 2048 values, so every drawn weight is sampled, and the class holds."""
+    from unittest import mock
+
+    import pytest_llmmerge.merge_diagnosis as merge_diagnosis
+
+    base, adapter, merged = build(tmp_path_factory.mktemp("sampled"), case)
+    with mock.patch.object(merge_diagnosis, "CHUNK_ELEMENTS", 512), \
+            mock.patch.object(merge_diagnosis, "DIAGNOSED_VALUES", 2048):
+        diagnosis = diagnose(Checkpoint(merged), Checkpoint(base), (adapter,))
+    (module,) = diagnosis.modules
+    expected = "exact" if case["mistake"] == "untouched" else case["mistake"]
+    assert module.verdict == expected, (case, module)

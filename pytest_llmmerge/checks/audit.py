@@ -24,7 +24,8 @@ _FIXES = {
                          "adapter_config.json sets use_rslora"),
     "transposed": ("MRG006", "the update was merged transposed: fan_in_fan_out must match the layer "
                              "(true only for Conv1D weights stored (in, out))"),
-    "rounded": ("MRG001", "lost more than --llm-audit-max-error of the update: merge in float32 (load the base in float32, merge_and_unload, then cast), e.g. "
+    "rounded": ("MRG001", "lost more than --llm-audit-max-error of the update: merge in float32 (load the base in "
+                          "float32, merge_and_unload, then cast), e.g. "
                           "--llm-merge-dtype float32 for merges this plugin builds"),
     "foreign": ("MRG008", "the change is not the adapters' update: merge into the unquantized base "
                           "(dequantizing a 4-bit base first bakes its rounding in), and check that --llm-base and "
@@ -52,13 +53,21 @@ def check_merge_diagnosis(ctx: Context) -> list[Finding]:
     try:
         diagnosis = diagnosis_of(ctx)
     except AuditError as exc:
-        return [Finding("MRG002", "error", f"{exc}", ADAPTER_CONFIG)]
+        return [Finding("MRG002", "error", f"{exc}", exc.file)]
     findings = []
+    where = str(ctx.adapters[0] / ADAPTER_CONFIG)
+    if diagnosis.unreadable:
+        # A weight the adapters update that the candidate lacks is a merge that lost it, not a pass.
+        findings.append(Finding("MRG002", "error", f"{len(diagnosis.unreadable)} weight(s) the adapters update "
+                                "cannot be read from the candidate: " + "; ".join(diagnosis.unreadable[:5]),
+                                (ctx.model.loaded_weight_files() or [ADAPTER_CONFIG])[0]))
+    if not diagnosis.modules:
+        if findings:
+            return findings
+        raise CheckSkipped("no weight could be diagnosed: " + "; ".join(diagnosis.not_audited[:3]))
     if diagnosis.not_audited:
         findings.append(Finding("MRG003", "warning", f"{len(diagnosis.not_audited)} part(s) not diagnosed: "
-                                + "; ".join(diagnosis.not_audited[:5]), ADAPTER_CONFIG))
-    if not diagnosis.modules:
-        raise CheckSkipped("no weight could be diagnosed: " + "; ".join(diagnosis.not_audited[:3]))
+                                + "; ".join(diagnosis.not_audited[:5]), where))
     for verdict, (code, fix) in _FIXES.items():
         modules = diagnosis.of(verdict)
         if verdict == "rounded":
@@ -86,7 +95,8 @@ def check_merge_diagnosis(ctx: Context) -> list[Finding]:
         findings.append(Finding(
             "MRG011", "warning", f"{len(rounded)} tensor(s) no adapter updates were rounded through a 16-bit float "
             f"their {DTYPE_NAMES.get(rounded[0].dtype, rounded[0].dtype)} storage does not force, e.g. "
-            f"{rounded[0].tensor} (changed by {rounded[0].change:.3g} of its norm)", shard_of(ctx.model, rounded[0].tensor)))
+            f"{rounded[0].tensor} (changed by {rounded[0].change:.3g} of its norm)",
+            shard_of(ctx.model, rounded[0].tensor)))
     storage_bound = sorted((m for m in diagnosis.of("exact") if m.floor > ctx.audit_max_error),
                            key=lambda m: -m.floor)
     if storage_bound:

@@ -206,8 +206,11 @@ class CaseItem(pytest.Item):
                 lines = [f"attribution: also fails on {where}: not the merge"]
                 if base_fails:
                     verdict = "base"
+                    # With a chain, a stage in between may pass: that is the bisection's to find.
+                    chain_note = "" if self.run.the_chain.n < 2 else \
+                        " (an intermediate stage may pass: --llm-bisect finds where it broke again)"
                     lines.append(f"and on the base ({base_did}): the base already fails this case and the "
-                                 "fine-tune did not fix it")
+                                 f"fine-tune, unmerged, does not pass it either{chain_note}")
                 else:
                     verdict = "fine-tune"
                     lines.append(f"the base passes ({base_did}): the fine-tune broke it")
