@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import LORA_DEFAULT_ALPHA, LORA_DEFAULT_RANK, Checkpoint, adapter_config, lora_factor
 from .file_names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .safetensors_header import HeaderError
-from .tensor_scan import read_whole
+from .tensor_scan import TensorReader, locate, read_whole
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,6 +58,10 @@ class Factors:
     left: Any  # (out, r) float64
     right: Any  # (r, in) float64
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[1]
+
     # einsum, not @: BLAS's threads spin against the other processes of a loaded machine
     # (pytest-xdist on two cores) and a low-rank product gains nothing from them.
     def rows(self, start: int, stop: int) -> np.ndarray[Any, Any]:
@@ -76,11 +80,36 @@ class Factors:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """modules_to_save: the adapter's own copy of a whole weight, which the merge writes as is.
+    Its update of the base is that copy minus the base's weight, read in row blocks."""
+
+    adapter: Path
+    key: str  # the tensor in the adapter's weights file
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        info = locate(Checkpoint(self.adapter), ADAPTER_WEIGHTS, self.key)[2]
+        return (info.shape[0], math.prod(info.shape[1:])) if info.shape else (1, 1)
+
+    def values(self, start: int, stop: int, columns: int) -> np.ndarray[Any, Any]:
+        """Rows start:stop of the copy, flat, as float64."""
+        ckpt = Checkpoint(self.adapter)
+        where = locate(ckpt, ADAPTER_WEIGHTS, self.key)
+        reader = TensorReader(ckpt)
+        try:
+            return next(reader.chunks(*where, elements=(stop - start) * columns,
+                                      span=(start * columns, stop * columns))).astype("float64")
+        finally:
+            reader.close()
+
+
+@dataclass(frozen=True)
 class Update:
     """One adapter's update of one weight, with what its scale was made of (to name a wrong one)."""
 
     adapter: int  # its place in the chain, from 0
-    factors: Factors
+    factors: Factors | Replacement
     rank: float
     alpha: float
     rslora: bool
@@ -134,16 +163,19 @@ def adapter_updates(adapter: Path, index: int = 0) -> tuple[dict[str, Update], l
     pairs: dict[str, dict[str, str]] = {}
     skipped: list[str] = []
     replaced: set[str] = set()
+    out: dict[str, Update] = {}
     for key in header.tensors:
         factor = lora_factor(key)
         if factor is None:
-            skipped.append(f"{adapter.name}: {key} (not a LoRA factor; e.g. modules_to_save replace the whole "
-                           "tensor)")
-            replaced.add(_replaced_module(key))
+            module = _replaced_module(key)
+            if key == f"{_PEFT_PREFIX}{module}.weight":  # modules_to_save: the whole weight, saved
+                out[f"{module}.weight"] = Update(index, Replacement(adapter, key), 0.0, 0.0, False)
+            else:
+                skipped.append(f"{adapter.name}: {key} (neither a LoRA factor nor a whole weight to save)")
+                replaced.add(module)
             continue
         module, kind = factor
         pairs.setdefault(module, {})[kind] = key
-    out: dict[str, Update] = {}
     for module, kinds in sorted(pairs.items()):
         embedding = "lora_embedding_A" in kinds
         a_key = kinds.get("lora_embedding_A" if embedding else "lora_A")

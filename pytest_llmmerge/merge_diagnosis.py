@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import LM_HEAD_SUFFIXES, Checkpoint, embedding_name
 from .file_names import ADAPTER_WEIGHTS, CONFIG
-from .merge_audit import MANTISSA_BITS, AuditError, Update, chain_updates, round_to, rounding_slack
+from .merge_audit import (MANTISSA_BITS, AuditError, Factors, Replacement, Update, chain_updates, round_to,
+                          rounding_slack)
 from .merge_verdicts import (
     GRID_BLOCK,
     Diagnosis,
@@ -73,7 +74,8 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
 
     info = candidate[2]
     rows, columns = info.shape[0], math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
-    square = rows == columns and len(info.shape) == 2
+    # A weight saved whole (modules_to_save) is never one a merge transposes.
+    square = rows == columns and len(info.shape) == 2 and all(isinstance(u.factors, Factors) for u in updates)
     rows_per_block = max(1, CHUNK_ELEMENTS // max(columns, 1))
     # Every figure is a sum over values: past DIAGNOSED_VALUES, an evenly spread systematic
     # sample of row blocks (every k-th, from the first to the last rows) stands for the weight.
@@ -95,9 +97,9 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
                                                        _row_blocks(readers[1], base, rows_per_block, every))):
         start = block * every * rows_per_block
         stop = start + cand_rows.shape[0]
-        parts = [u.factors.rows(start, stop).ravel() for u in updates]
-        delta = parts[0] if m == 1 else np.sum(parts, axis=0)
         w_base = base_rows.astype(np.float64).ravel()
+        parts = [_update_rows(u, start, stop, columns, w_base) for u in updates]
+        delta = parts[0] if m == 1 else np.sum(parts, axis=0)
         w_cand = cand_rows.astype(np.float64).ravel()
         bad = ~np.isfinite(w_cand)
         if bad.any():
@@ -116,7 +118,8 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
         error_sq += _dot(error, error)
         base_sq += _dot(w_base, w_base)
         if square:
-            transposed = np.ravel(sum(u.factors.transposed_rows(start, stop) for u in updates))
+            transposed = np.ravel(sum(u.factors.transposed_rows(start, stop) for u in updates
+                                      if isinstance(u.factors, Factors)))
             along_t += _dot(change, transposed)
             transposed_sq += _dot(transposed, transposed)  # |U^T| = |U| over whole rows only
         # The rounding floors, the share of the update rounded away and where it vanished are
@@ -149,6 +152,17 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
         adapters=tuple(u.adapter for u in updates), scales=tuple(ScaleOf(u.rank, u.alpha, u.rslora) for u in updates),
         nonfinite=nonfinite, vanished=vanished / moved if moved else 0.0,
         update_over_weight=math.sqrt(update_sq / base_sq) if base_sq else math.inf)
+
+
+def _update_rows(update: Update, start: int, stop: int, columns: int,
+                 w_base: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Rows start:stop of one adapter's update, flat: its LoRA product, or its saved copy of the
+    whole weight minus the base's (modules_to_save)."""
+    if isinstance(update.factors, Replacement):
+        values: np.ndarray[Any, Any] = update.factors.values(start, stop, columns) - w_base
+        return values
+    rows: np.ndarray[Any, Any] = update.factors.rows(start, stop).ravel()
+    return rows
 
 
 def levels_per_block(values: np.ndarray[Any, Any], jitter: np.ndarray[Any, Any]) -> float:
@@ -184,13 +198,14 @@ def _grid(reader: TensorReader, where: Where, updates: Sequence[Update]) -> floa
     import numpy as np
 
     info = where[2]
-    if len(info.shape) != 2:
+    if len(info.shape) != 2 or not all(isinstance(u.factors, Factors) for u in updates):
         return None
     columns = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
     rows_per_block = max(1, CHUNK_ELEMENTS // max(columns, 1))
     for rows in _row_blocks(reader, where, rows_per_block):
         stored = rows.astype(np.float64)
-        delta = sum(u.factors.rows(0, rows.shape[0]) for u in updates) if updates else 0.0
+        delta = sum(u.factors.rows(0, rows.shape[0]) for u in updates if isinstance(u.factors, Factors)) \
+            if updates else 0.0
         return levels_per_block(stored - delta, _half_ulp(stored, info.dtype))
     return float(GRID_BLOCK)
 
@@ -247,13 +262,13 @@ def diagnose(candidate: Checkpoint, base: Checkpoint, adapters: Sequence[Path], 
                 diagnosis.unreadable.append(f"{name}: {why}")
                 continue
             info, base_info = cand_at[name][2], base_at[name][2]
-            first = ups[0].factors
-            if info.shape != base_info.shape or (info.shape[0], math.prod(info.shape[1:])) != \
-                    (first.left.shape[0], first.right.shape[1]):
-                at_fault = cand_at[name][0] if info.shape != base_info.shape else \
-                    Path(adapters[ups[0].adapter]) / ADAPTER_WEIGHTS
-                raise AuditError(f"{name}: candidate {list(info.shape)}, base {list(base_info.shape)}, "
-                                 f"adapter {ups[0].adapter + 1} update {[first.left.shape[0], first.right.shape[1]]}: "
+            flat = (info.shape[0], math.prod(info.shape[1:])) if info.shape else (1, 1)
+            wrong = next((u for u in ups if u.factors.shape != flat), None)
+            if info.shape != base_info.shape or wrong is not None:
+                at_fault = cand_at[name][0] if info.shape != base_info.shape or wrong is None else \
+                    Path(adapters[wrong.adapter]) / ADAPTER_WEIGHTS
+                shown = f", adapter {wrong.adapter + 1} update {list(wrong.factors.shape)}" if wrong else ""
+                raise AuditError(f"{name}: candidate {list(info.shape)}, base {list(base_info.shape)}{shown}: "
                                  "shapes do not fit", at_fault)
             figures = _figures(name, cand_at[name], base_at[name], ups, readers)
             if figures.update_sq == 0:

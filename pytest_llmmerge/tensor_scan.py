@@ -105,11 +105,12 @@ class TensorReader:
             handle.close()
         self.handles.clear()
 
-    def chunks(self, shard: str, header: SafetensorsHeader, info: TensorInfo,
-               elements: int | None = None, every: int = 1) -> Iterator[np.ndarray[Any, Any]]:
+    def chunks(self, shard: str, header: SafetensorsHeader, info: TensorInfo, elements: int | None = None,
+               every: int = 1, span: tuple[int, int] | None = None) -> Iterator[np.ndarray[Any, Any]]:
         """Flat float chunks of `elements` values (default CHUNK_ELEMENTS, the last one shorter),
-        only every `every`-th of them (the rest are not read); each is only valid until the next
-        is taken, since they share this reader's buffer."""
+        only every `every`-th of them (the rest are not read), of the values span[0]:span[1]
+        (default all); each is only valid until the next is taken, since they share this
+        reader's buffer."""
         import numpy as np
 
         if elements is None:
@@ -119,12 +120,12 @@ class TensorReader:
             # Unbuffered: a buffered reader would keep another copy of every chunk.
             handle = self.handles[shard] = io.FileIO(self.ckpt.path / shard, "rb")
         width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[info.dtype]
-        total = math.prod(info.shape)
+        first, total = span if span is not None else (0, math.prod(info.shape))
         offset = header.data_start + info.begin
-        if len(self.buffer) < min(elements, total) * width:
-            self.buffer = bytearray(min(elements, total) * width)
+        if len(self.buffer) < min(elements, total - first) * width:
+            self.buffer = bytearray(min(elements, total - first) * width)
         view = memoryview(self.buffer)
-        for start in range(0, total, elements * every):
+        for start in range(first, total, elements * every):
             count = min(elements, total - start)
             nbytes = count * width
             handle.seek(offset + start * width)

@@ -247,3 +247,35 @@ def test_plugin_diagnoses_by_default_and_alone(pytester: pytest.Pytester) -> Non
     passing = pytester.runpytest_subprocess(f"--llm-base={BASE}", *adapters, "-m", "llmmerge_audit",
                                             "-p", "no:cacheprovider")
     passing.assert_outcomes(passed=1)
+
+
+def test_a_module_saved_whole_is_diagnosed_against_the_adapters_copy(tmp_path: Path) -> None:
+    """modules_to_save: the adapter ships its own lm_head, which the merge must write as is."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(BASE), dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                      init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modules_to_save" in name or "lora_B" in name:
+                parameter.add_(0.01 * torch.randn_like(parameter))  # as training would move them
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    merged = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(str(merged))
+    outcome, diagnosis = check(merged, BASE, (adapter,))
+    assert outcome.errors == [] and "lm_head.weight" in {m.tensor for m in diagnosis.modules}
+    assert diagnosis.summary() == "all 3 adapted modules exact (within float32 rounding)"
+    # The merge script forgot the saved module: the candidate still holds the base's lm_head.
+    forgot = shutil.copytree(merged, tmp_path / "forgot")
+    tensors = load_file(str(forgot / "model.safetensors"))
+    tensors["lm_head.weight"] = load_file(str(BASE / "model.safetensors"))["lm_head.weight"]
+    save_file(tensors, str(forgot / "model.safetensors"), metadata={"format": "pt"})
+    outcome, diagnosis = check(forgot, BASE, (adapter,))
+    assert codes(outcome) == ["MRG007"]
+    assert diagnosis.summary().startswith("1 of 3 adapted modules missing (no change beyond rounding where the "
+                                          "update is not zero): every lm_head")
