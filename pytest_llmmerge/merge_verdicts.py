@@ -20,13 +20,17 @@ residual is within what rounding forces:
   another adapter, another base), with its correlation to the update;
 - **overflow**: the weight holds Inf/NaN.
 
-"Within rounding" is slack x the floor, with slack = rounding_slack(m): the same rule for
-every explanation, so a class is never a tuned cut.  (A share lost under --llm-audit-max-error
-makes a rounded weight a warning, not an error: what a float16 or TF32 product costs a large
-update is real but small.)  Tensors the adapters do not touch are judged from the weight
-scan's norms: **changed** when |D| exceeds what rounding the base to the candidate's dtype
-could make, **rounded** when it stays within a 16-bit rounding the candidate's dtype does not
-force.
+"Within rounding" is slack x the floor, with slack = rounding_slack(m), in the coarser of the
+candidate's and the base's dtypes (a merge at the base's own precision is no fault), grown with
+the values for a large factor: the same rule for every explanation, so a class is never a
+tuned cut.  Where the whole update is smaller than that rounding, D = U and D = 0 both fit value
+by value; then the share of the update the candidate keeps (its least-squares factor over all
+values) is set against the share a perfect merge keeps: none, where a perfect merge keeps some,
+is missing.  (A share lost under --llm-audit-max-error makes a rounded weight a warning, not an
+error: what a float16 or TF32 product costs a large update is real but small.)  Tensors the
+adapters do not touch are judged from the weight scan's norms: **changed** when |D| exceeds
+what rounding the base to the candidate's dtype could make, **rounded** when it stays within a
+16-bit rounding the candidate's dtype does not force.
 
 Pure: numbers in, verdicts and sentences out; numpy only for the small least-squares solve.
 """

@@ -56,7 +56,11 @@ def merges(draw: st.DrawFn) -> dict[str, Any]:
         # the candidate's storage dtype; a rounded merge needs one finer than the dtype it ran in
         "dtype": "F32" if mistake == "rounded" else draw(st.sampled_from(("F32", "BF16", "F16"))),
         "ran_in": draw(st.sampled_from(("BF16", "F16"))),
-        "ratio": draw(st.floats(0.03, 0.6)),  # |U| / |W|
+        # |U| / |W|: down to updates below bfloat16's rounding, where exact and missing are told
+        # apart by the share of the update kept; the other mistakes need one rounding can show
+        "ratio": draw(st.floats(0.001 if mistake in ("exact", "missing") else 0.03, 0.6)),
+        # a float32 base under a 16-bit candidate: the release cast the base it merged into
+        "base_dtype": draw(st.sampled_from(("same", "F32"))),
         # a factor visibly away from 1 and from 0 (near either it is exact or missing)
         "k": draw(st.one_of(st.floats(-3.0, 0.6), st.floats(1.4, 4.0)).filter(lambda k: abs(k) >= 0.3)),
         "seed": draw(st.integers(0, 2**16)),
@@ -68,9 +72,10 @@ def build(root: Path, case: dict[str, Any]) -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(case["seed"])
     rows, cols = case["shape"]
     dtype, rank, alpha = case["dtype"], case["rank"], case["alpha"]
-    w = _rounded(rng.standard_normal((rows, cols)) * 0.02, dtype)
-    other = _rounded(rng.standard_normal((rows, cols)) * 0.02, dtype)
-    norm = _rounded(1 + 0.05 * rng.standard_normal(rows), dtype)
+    stored = dtype if case["base_dtype"] == "same" else case["base_dtype"]
+    w = _rounded(rng.standard_normal((rows, cols)) * 0.02, stored)
+    other = _rounded(rng.standard_normal((rows, cols)) * 0.02, stored)
+    norm = _rounded(1 + 0.05 * rng.standard_normal(rows), stored)
     a = rng.standard_normal((rank, cols))
     b = rng.standard_normal((rows, rank))
     scale = alpha / (math.sqrt(rank) if case["rslora"] else rank)
@@ -78,7 +83,7 @@ def build(root: Path, case: dict[str, Any]) -> tuple[Path, Path, Path]:
     b *= case["ratio"] * np.linalg.norm(w) / np.linalg.norm(update)  # the update's size relative to W
     update = scale * b @ a
     base = {"layers.0.proj.weight": w, "layers.0.other.weight": other, "layers.0.norm.weight": norm}
-    _save(root / "base", base, dtype)
+    _save(root / "base", base, stored)
     adapter = root / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({
