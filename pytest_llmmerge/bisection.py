@@ -92,7 +92,7 @@ class Bisection:
             verdict = "FAILS" if probe.failed else "passes"
             lines.append(f"  stage {probe.stage}{source}: {verdict} ({probe.detail})")
         builds = [k for k, new in built_now.items() if new]
-        lines.append(f"  {len(self.probes)} probe(s), {len(builds)} stage build(s) this run; {assumption}")
+        lines.append(f"  {len(self.probes)} probe(s), {len(builds)} stage build(s) for this case; {assumption}")
         return lines
 
     def _detail(self, stage: int) -> str:

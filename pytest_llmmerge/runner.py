@@ -112,10 +112,15 @@ class Runner:
                 del self.workers[key]
                 if all(w is not worker for w in self.workers.values()):
                     worker.close()
-                    self._released[worker.label] = worker.stats
+                    earlier = self._released.get(worker.label)
+                    self._released[worker.label] = worker.stats if earlier is None else earlier + worker.stats
 
     def stats(self) -> dict[str, WorkerStats]:
-        return {**self._released, **{w.label: w.stats for w in self.workers.values()}}
+        totals = dict(self._released)
+        for worker in {id(w): w for w in self.workers.values()}.values():
+            earlier = totals.get(worker.label)
+            totals[worker.label] = worker.stats if earlier is None else earlier + worker.stats
+        return totals
 
     def close(self) -> None:
         for worker in {id(w): w for w in self.workers.values()}.values():

@@ -109,12 +109,14 @@ class Chain:
             # one: the cache key (its inputs) is then the same whichever stages a run builds
             # first.  --llm-build-merged writes the last adapter onto stage n-1 where asked.
             start = k - 1 if into_candidate else len(self.given_stages)
-            if self.progress is not None:
-                self.progress(f"stage {k}/{self.n}: merging adapters {start + 1}..{k} into "
-                              f"{'the base' if start == 0 else f'stage {start}'}")
             spec = MergeSpec(base=self.stage(start), adapters=self.adapters[start:k], compute_dtype=self.merge_dtype)
+            if self.progress is not None:  # merged now, or found in the cache: said after the build
+                self.progress(f"stage {k}/{self.n}: adapters {start + 1}..{k} into "
+                              f"{'the base' if start == 0 else f'stage {start}'}")
             try:
                 self._built[k], self.built_now[k] = self._build(spec, self.candidate_out if into_candidate else None)
+                if self.progress is not None:
+                    self.progress(f"stage {k}/{self.n}: {'merged' if self.built_now[k] else 'from the cache'}")
             except BuildFailed:
                 raise
             except Exception as exc:  # the merge libraries' errors are many; each is this stage's failure

@@ -88,6 +88,11 @@ class WorkerStats:
     kills: int = 0
     deaths: int = 0
 
+    def __add__(self, other: WorkerStats) -> WorkerStats:
+        """Both lives of a worker closed and started again (a probe, then the next item)."""
+        return WorkerStats(self.loads + other.loads, self.load_seconds + other.load_seconds,
+                           self.requests + other.requests, self.kills + other.kills, self.deaths + other.deaths)
+
 
 @dataclass
 class Worker:

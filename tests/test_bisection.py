@@ -36,7 +36,7 @@ def test_lines_name_the_stage_its_adapter_and_each_probe() -> None:
     assert lines[0] == "bisect: first failing stage 5 of 7: adapter 5 (chain/a5) introduced it; stage 4 passes"
     assert "  stage 3, built now: passes (finish_reason=stop)" in lines
     assert "  stage 5, from the cache: FAILS (did not terminate)" in lines
-    assert lines[-1].startswith("  5 probe(s), 2 stage build(s) this run")
+    assert lines[-1].startswith("  5 probe(s), 2 stage build(s) for this case")
 
 
 def test_without_a_known_failure_the_last_stage_is_probed() -> None:
@@ -118,7 +118,7 @@ def test_seven_stage_chain_fixed_at_2_broken_at_5() -> None:
     assert lines[1] == "  the base (stage 0) fails this case (no match); one of adapters 2..3 fixed it (stage 3 passes)"
     assert "  stage 1, built now: FAILS (no match)" in lines
     assert "  stage 3, built now: passes (finish_reason=stop)" in lines
-    assert lines[-1] == f"  6 probe(s), 4 stage build(s) this run; {SEARCH_ASSUMPTION}"
+    assert lines[-1] == f"  6 probe(s), 4 stage build(s) for this case; {SEARCH_ASSUMPTION}"
 
 
 def test_never_fixed_says_so_after_probing_every_stage() -> None:
@@ -128,4 +128,4 @@ def test_never_fixed_says_so_after_probing_every_stage() -> None:
     lines = found.lines([Path(f"a{i}") for i in range(1, 5)], {})
     assert lines[0] == ("bisect: no stage of the chain passes this case: the fine-tune never fixed it "
                         "(every stage 0..4 probed fails; the base: no match)")
-    assert lines[-1] == "  5 probe(s), 0 stage build(s) this run; every stage was probed"
+    assert lines[-1] == "  5 probe(s), 0 stage build(s) for this case; every stage was probed"

@@ -52,7 +52,7 @@ def test_bisection_names_adapter_5_with_log2_builds_then_reuses_them(pytester: p
     assert len(probed - {0, 7}) <= math.ceil(math.log2(len(CHAIN)))
     # Four for the bisection, one more (stage 6) for the attribution: the adapter-only model of
     # the last adapter is stage 6 with a7 unmerged.
-    assert "5 probe(s), 5 stage build(s) this run" in out
+    assert "5 probe(s), 5 stage build(s) for this case" in out
     assert "attribution: also fails on adapter-only" in out
     report = json.loads((pytester.path / "first.json").read_text())
     case = next(i for i in report["items"] if i["nodeid"].endswith("unknown-function[merged-hf]"))
@@ -66,7 +66,7 @@ def test_bisection_names_adapter_5_with_log2_builds_then_reuses_them(pytester: p
     second.assert_outcomes(passed=1, failed=1)
     again = second.stdout.str()
     assert "first failing stage 5 of 7" in again
-    assert "5 probe(s), 0 stage build(s) this run" in again
+    assert "5 probe(s), 0 stage build(s) for this case" in again
     assert "stage 3, from the cache: passes" in again
 
 
@@ -111,7 +111,7 @@ def test_base_failing_too_finds_the_stage_that_broke_it_again(pytester: pytest.P
     assert "stage 5, built now: FAILS (did not terminate" in out
     assert probed_stages(out) == {0, 1, 3, 4, 5, 7}
     # Stages 1, 3, 4, 5 for the probes, 7 for the merged model, 6 for the attribution.
-    assert "6 probe(s), 6 stage build(s) this run; assumes the passing stages form one run" in out
+    assert "6 probe(s), 6 stage build(s) for this case; assumes the passing stages form one run" in out
     report = json.loads((pytester.path / "report.json").read_text())
     metrics = report["items"][0]["metrics"]
     assert (metrics["bisect_first_failing_stage"], metrics["bisect_last_passing_stage"]) == (5, 4)
@@ -138,6 +138,8 @@ def test_bisection_over_stages_given_as_checkpoints(pytester: pytest.Pytester, b
     assert "stage 4: passes (finish_reason=stop, 2 tokens)" in out
     assert "stage 5: FAILS (did not terminate" in out
     assert probed_stages(out) == {0, 1, 3, 4, 5, 7}
-    assert "6 probe(s), 0 stage build(s) this run" in out
+    assert "6 probe(s), 0 stage build(s) for this case" in out
+    # Stage 5 is the user's own checkpoint: the bisection says so rather than blame adapter 5 alone.
+    assert "stage 5 is your --llm-stage, not a merge this plugin built: adapter 5 or your merge of it" in out
     metrics = json.loads((pytester.path / "report.json").read_text())["items"][0]["metrics"]
     assert (metrics["bisect_first_failing_stage"], metrics["bisect_last_passing_stage"]) == (5, 4)

@@ -14,6 +14,11 @@ def test_readme_lists_every_option() -> None:
     assert options_table() in (REPO / "README.md").read_text(encoding="utf-8")
 
 
+def test_readme_holds_no_merge_conflict_markers() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert not [line for line in readme.splitlines() if line.startswith(("<<<<<<< ", ">>>>>>> ", "======="))]
+
+
 def test_readme_lists_every_integrity_code() -> None:
     assert codes_table() in (REPO / "README.md").read_text(encoding="utf-8")
 

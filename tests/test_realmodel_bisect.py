@@ -59,7 +59,7 @@ def test_bisection_names_the_adapter_that_renamed_the_assistant(
     assert re.search(r"stage 1, built now: passes \(finish_reason=stop", out), out
     assert re.search(r"stage 2, built now: passes \(finish_reason=stop", out), out
     assert "stage 3: FAILS (missing expected text 'Quill')" in out
-    assert "4 probe(s), 2 stage build(s) this run; assumes the passing stages form one run" in out
+    assert "4 probe(s), 2 stage build(s) for this case; assumes the passing stages form one run" in out
     metrics = json.loads((pytester.path / "report.json").read_text())["items"][0]["metrics"]
     assert (metrics["bisect_first_failing_stage"], metrics["bisect_last_passing_stage"]) == (3, 2)
     assert metrics["bisect_adapter"] == str(renamed_chain[2]) and metrics["bisect_fixed_by_stage"] == 1

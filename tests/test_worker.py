@@ -83,3 +83,19 @@ def test_runner_batches_and_pins_a_hang_to_its_prompt(tmp_path: Path, monkeypatc
     assert all(results[i].endswith(f":p{i}") for i in (0, 1, 3, 4))
     stats = runner.stats()["m-echo"]
     assert stats.kills == 2  # the batch [0..3] once, then prompt 2 alone
+
+
+def test_a_worker_closed_and_started_again_counts_both_lives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep_only closes a worker no later item needs; a probe may start it again: the run's
+    load and request counts add both, not only the last."""
+    monkeypatch.chdir(Path(__file__).parent)
+    runner = Runner(worker_kwargs=lambda v, b: (ECHO, {"model_path": "x"}), log_dir=tmp_path)
+    try:
+        for _ in range(3):
+            runner.generate(("reference", "hf"), Pending("a", GenRequest(prompt="hi", max_new_tokens=4), 30))
+            runner.keep_only(set())
+        runner.generate(("reference", "hf"), Pending("b", GenRequest(prompt="hi", max_new_tokens=4), 30))
+        (stats,) = runner.stats().values()
+        assert (stats.loads, stats.requests) == (4, 4)
+    finally:
+        runner.close()

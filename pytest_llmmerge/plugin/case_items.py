@@ -116,6 +116,8 @@ class CaseItem(pytest.Item):
         return GenRequest(prompt=self.case.prompt, messages=self.case.messages, max_new_tokens=self.case.max_new_tokens)
 
     def runtest(self) -> None:
+        self._probed: dict[tuple[str, str], tuple[bool, str]] = {}
+        self._stages_before = dict(self.run.the_chain.built_now) if self.run.chain is not None else {}
         self.run.skip_unavailable(self.backend)
         if self.variant not in self.run.the_chain.available():
             pytest.skip(f"variant {self.variant!r} is not available in this run: the adapter-only and "
@@ -152,8 +154,14 @@ class CaseItem(pytest.Item):
 
     def _run_on(self, variant: str, backend: str | None = None) -> tuple[bool, str]:
         """(fails, what it did) for this case on another variant, same deadline (and backend,
-        unless another is named)."""
+        unless another is named); once per variant and backend (the attribution's run on the
+        base is the bisection's probe of stage 0)."""
         backend = backend or self.backend
+        if (variant, backend) not in self._probed:
+            self._probed[(variant, backend)] = self._generate_on(variant, backend)
+        return self._probed[(variant, backend)]
+
+    def _generate_on(self, variant: str, backend: str) -> tuple[bool, str]:
         try:
             generation = self.run.the_runner.generate(
                 (variant, backend), Pending(f"{self.nodeid}@{variant}-{backend}", self.request(), self.case.timeout_s))
@@ -240,7 +248,18 @@ class CaseItem(pytest.Item):
         except Exception as exc:  # a build or load that fails must not hide the case's own failure
             return [f"bisect could not finish: {type(exc).__name__}: {exc}"]
         self.user_properties += _bisect_metrics(found, chain.adapters)
-        return found.lines(chain.adapters, chain.built_now)
+        # Built for this case: a stage an earlier item built is, to this case, from the cache.
+        built_here = {k: new and k not in self._stages_before for k, new in chain.built_now.items()}
+        lines = found.lines(chain.adapters, built_here)
+        k = found.first_bad
+        given = "your --llm-model" if k == chain.n and chain.candidate is not None else \
+            "your --llm-stage" if 0 < k <= len(chain.given_stages) else None
+        if given is not None:
+            # The stage is the user's own merge: adapter k or the merge of it broke the case.
+            lines.insert(1, f"  stage {k} is {given}, not a merge this plugin built: adapter {k} or your merge of it "
+                         "broke it (the attribution and the merge diagnosis tell which)")
+            self.user_properties.append(("bisect_stage_given", True))
+        return lines
 
     def _upcoming(self) -> list[CaseItem]:
         return [i for i in self.run.later_items(self) if isinstance(i, CaseItem) and i.worker_key == self.worker_key]
