@@ -124,6 +124,12 @@ def _worst(modules: list[ModuleVerdict]) -> str:
             f"{DTYPE_NAMES.get(worst.dtype, worst.dtype)} storage forces {_pct(worst.floor)}")
 
 
+def made_diagnosis(ctx: Context) -> Diagnosis | None:
+    """The diagnosis of this Context when the audit item already made it (None: not yet)."""
+    found = ctx.memo.get(_DIAGNOSIS_KEY)
+    return found if isinstance(found, Diagnosis) else None
+
+
 def diagnosis_summary(ctx: Context) -> str | None:
     """The one-sentence verdict, when this Context's diagnosis ran."""
     found = ctx.memo.get(_DIAGNOSIS_KEY)

@@ -27,7 +27,7 @@ from ..atomic import remove_dead_builds
 from ..backends import resolve_spec, unavailable
 from ..checkpoint import Checkpoint
 from ..checks import GROUPS
-from ..checks.audit import diagnosis_of
+from ..checks.audit import made_diagnosis
 from ..checks.base import Context
 from ..handles import VariantHandle
 from ..merge_diagnosis import diagnose
@@ -196,15 +196,17 @@ class LlmMergeRun:
     def merge_verdict(self, stage: int | None = None) -> str:
         """The merge diagnosis's verdict in one line, for a failure that blames the merge: of
         stage k against stage k-1 and adapter k, or (None) of the candidate against the base and
-        every adapter, which is the audit item's (tensors no adapter updates included).  Never
-        raises: a diagnosis that cannot run says why instead."""
+        every adapter (the audit item's when it ran, with the tensors no adapter updates; else of
+        the adapted weights alone).  Never raises: a diagnosis that cannot run says why instead."""
         chain = self.the_chain
         key = None if stage is None or stage == chain.n == 1 else stage
         if key not in self._verdicts:
             what = "the merge" if key is None else f"stage {key}"
             try:
                 if key is None:
-                    found = diagnosis_of(self.check_context())
+                    # The audit item's, when it ran; else the adapted weights alone (no full weight scan).
+                    ctx = self.check_context()
+                    found = made_diagnosis(ctx) or diagnose(ctx.model, ctx.require_base(), ctx.adapters)
                 else:
                     found = diagnose(Checkpoint(chain.stage(key)), Checkpoint(chain.stage(key - 1)),
                                      (chain.adapters[key - 1],))
