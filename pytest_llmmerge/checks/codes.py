@@ -100,9 +100,11 @@ CODES: dict[str, tuple[str, str]] = {
     "MRG001": ("rounded: adapted weights lost more of the adapters' float32 update than their storage dtype forces, "
                "as a merge computed in a coarser float (bfloat16/float16) does, and more than --llm-audit-max-error",
                "adapter fine, merged model worse: a merge rounded through bfloat16/float16 (peft #1388, unsloth #1267)"),
-    "MRG002": ("the adapters do not fit the base and candidate (targets missing, shapes differ, not LoRA)",
+    "MRG002": ("the adapters do not fit the base and candidate (targets missing, shapes or ranks differ, not LoRA, "
+               "an adapter given twice), or the candidate lacks a weight they update",
                "a merge made from another base or other adapters than the ones given"),
-    "MRG003": ("warning: parts of the adapters were not diagnosed (modules_to_save, missing tensors)",
+    "MRG003": ("warning: parts of the adapters were not diagnosed (tensors that are neither LoRA factors nor whole "
+               "saved weights, updates that are exactly zero)",
                "shown so a partial diagnosis is never read as a full one"),
     "MRG004": ("warning: the candidate's storage dtype (bf16/fp16) cannot hold the update exactly; the merge lost "
                "no more than that rounding", "peft #1388: a bf16 save moves the loss by rounding alone; shown, not failed"),
