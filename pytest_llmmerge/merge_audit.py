@@ -13,12 +13,20 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import LORA_DEFAULT_ALPHA, LORA_DEFAULT_RANK, Checkpoint, adapter_config, lora_factor
+from .checkpoint import (
+    FLOAT_DTYPE_NAMES,
+    LORA_DEFAULT_ALPHA,
+    LORA_DEFAULT_RANK,
+    Checkpoint,
+    adapter_config,
+    lora_factor,
+)
 from .file_names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .safetensors_header import HeaderError
+from .safetensors_header import HeaderError, SafetensorsHeader, TensorInfo
 from .tensor_scan import TensorReader, locate, read_whole
 
 if TYPE_CHECKING:
@@ -27,7 +35,12 @@ if TYPE_CHECKING:
 _PEFT_PREFIX = "base_model.model."
 # Significant bits (with the implicit one) of each float storage dtype: what one rounding keeps.
 MANTISSA_BITS = {"F64": 53, "F32": 24, "F16": 11, "BF16": 8}
-DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+DTYPE_NAMES = {**FLOAT_DTYPE_NAMES, "F64": "float64"}
+
+
+def coarser_of(*dtypes: str) -> str:
+    """The dtype with the fewest significant bits: the one whose rounding bounds them all."""
+    return min(dtypes, key=lambda d: MANTISSA_BITS.get(d, 24))
 
 
 def rounding_slack(adapters: int) -> float:
@@ -89,13 +102,17 @@ class Replacement:
 
     @property
     def shape(self) -> tuple[int, int]:
-        info = locate(Checkpoint(self.adapter), ADAPTER_WEIGHTS, self.key)[2]
+        info = self._located[1][2]
         return (info.shape[0], math.prod(info.shape[1:])) if info.shape else (1, 1)
+
+    @cached_property
+    def _located(self) -> tuple[Checkpoint, tuple[str, SafetensorsHeader, TensorInfo]]:
+        ckpt = Checkpoint(self.adapter)  # its header parsed once, not per row block
+        return ckpt, locate(ckpt, ADAPTER_WEIGHTS, self.key)
 
     def values(self, start: int, stop: int, columns: int) -> np.ndarray[Any, Any]:
         """Rows start:stop of the copy, flat, as float64."""
-        ckpt = Checkpoint(self.adapter)
-        where = locate(ckpt, ADAPTER_WEIGHTS, self.key)
+        ckpt, where = self._located
         reader = TensorReader(ckpt)
         try:
             return next(reader.chunks(*where, elements=(stop - start) * columns,

@@ -19,8 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import LM_HEAD_SUFFIXES, Checkpoint, embedding_name
 from .file_names import ADAPTER_WEIGHTS, CONFIG
-from .merge_audit import (MANTISSA_BITS, AuditError, Factors, Replacement, Update, chain_updates, round_to,
-                          rounding_slack)
+from .merge_audit import (
+    MANTISSA_BITS,
+    AuditError,
+    Factors,
+    Replacement,
+    Update,
+    chain_updates,
+    coarser_of,
+    round_to,
+    rounding_slack,
+)
 from .merge_verdicts import (
     GRID_BLOCK,
     Diagnosis,
@@ -59,10 +68,15 @@ def _dot(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> float:
     return float(np.einsum("i,i->", a, b))
 
 
-def _row_blocks(reader: TensorReader, where: Where, rows_per_block: int,
-                every: int = 1) -> Iterator[np.ndarray[Any, Any]]:
-    info = where[2]
+def _geometry(info: TensorInfo) -> tuple[int, int, int]:
+    """(rows, columns, rows per block of at most CHUNK_ELEMENTS values) of a weight read as a matrix."""
+    rows = info.shape[0] if info.shape else 1
     columns = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+    return rows, columns, max(1, CHUNK_ELEMENTS // max(columns, 1))
+
+
+def _row_blocks(reader: TensorReader, where: Where, every: int = 1) -> Iterator[np.ndarray[Any, Any]]:
+    _, columns, rows_per_block = _geometry(where[2])
     for flat in reader.chunks(*where, elements=rows_per_block * columns, every=every):
         yield flat.reshape(-1, columns)
 
@@ -73,10 +87,9 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
     import numpy as np
 
     info = candidate[2]
-    rows, columns = info.shape[0], math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+    rows, columns, rows_per_block = _geometry(info)
     # A weight saved whole (modules_to_save) is never one a merge transposes.
     square = rows == columns and len(info.shape) == 2 and all(isinstance(u.factors, Factors) for u in updates)
-    rows_per_block = max(1, CHUNK_ELEMENTS // max(columns, 1))
     # Every figure is a sum over values: past DIAGNOSED_VALUES, an evenly spread systematic
     # sample of row blocks (every k-th, from the first to the last rows) stands for the weight.
     every = max(1, math.ceil(rows * columns / DIAGNOSED_VALUES))
@@ -89,12 +102,12 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
     floors = dict.fromkeys(_floor_dtypes(info.dtype) + [base_dtype], 0.0)
     # The coarser of the two dtypes: what a perfect merge at the base's or the candidate's own
     # precision keeps of the update, on the sample (<D_perfect, U>, |D_perfect|^2, |U|^2).
-    perfect_dtype = min(info.dtype, base_dtype, key=lambda d: MANTISSA_BITS.get(d, 24))
+    perfect_dtype = coarser_of(info.dtype, base_dtype)
     kept = kept_sq = sampled_sq = 0.0
     sampled_n = 0
     nonfinite = moved = vanished = values = 0
-    for block, (cand_rows, base_rows) in enumerate(zip(_row_blocks(readers[0], candidate, rows_per_block, every),
-                                                       _row_blocks(readers[1], base, rows_per_block, every))):
+    for block, (cand_rows, base_rows) in enumerate(zip(_row_blocks(readers[0], candidate, every),
+                                                       _row_blocks(readers[1], base, every))):
         start = block * every * rows_per_block
         stop = start + cand_rows.shape[0]
         w_base = base_rows.astype(np.float64).ravel()
@@ -150,8 +163,7 @@ def _figures(name: str, candidate: Where, base: Where, updates: Sequence[Update]
         along_transposed=along_t if square else None, transposed_sq=transposed_sq if square else None,
         floors={dtype: math.sqrt(value) if math.isfinite(value) else math.inf for dtype, value in floors.items()},
         adapters=tuple(u.adapter for u in updates), scales=tuple(ScaleOf(u.rank, u.alpha, u.rslora) for u in updates),
-        nonfinite=nonfinite, vanished=vanished / moved if moved else 0.0,
-        update_over_weight=math.sqrt(update_sq / base_sq) if base_sq else math.inf)
+        nonfinite=nonfinite, vanished=vanished / moved if moved else 0.0)
 
 
 def _update_rows(update: Update, start: int, stop: int, columns: int,
@@ -200,9 +212,7 @@ def _grid(reader: TensorReader, where: Where, updates: Sequence[Update]) -> floa
     info = where[2]
     if len(info.shape) != 2 or not all(isinstance(u.factors, Factors) for u in updates):
         return None
-    columns = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
-    rows_per_block = max(1, CHUNK_ELEMENTS // max(columns, 1))
-    for rows in _row_blocks(reader, where, rows_per_block):
+    for rows in _row_blocks(reader, where):
         stored = rows.astype(np.float64)
         delta = sum(u.factors.rows(0, rows.shape[0]) for u in updates if isinstance(u.factors, Factors)) \
             if updates else 0.0

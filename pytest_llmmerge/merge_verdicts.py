@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .merge_audit import DTYPE_NAMES, MANTISSA_BITS
+from .merge_audit import DTYPE_NAMES, MANTISSA_BITS, coarser_of
 
 ADAPTED_CLASSES = ("overflow", "missing", "scaled", "transposed", "rounded", "foreign", "exact")
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -89,7 +89,6 @@ class ModuleFigures:
     transposed_sq: float | None = None  # |U^T|^2 over the rows summed (|U|^2 when all are)
     nonfinite: int = 0
     vanished: float = 0.0  # share of the updated entries still holding the base's value
-    update_over_weight: float = 0.0  # |U| / |W_base|
 
 
 @dataclass(frozen=True)
@@ -186,6 +185,8 @@ def _significant(along: float, along_sq: float, update_sq: float, count: int) ->
 
 def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
     """The explanation of one adapted weight's change that fits within rounding (module docstring)."""
+    import numpy as np
+
     norm = math.sqrt(fig.update_sq)
     total_along = sum(fig.along)
     factors = _least_squares(fig.gram, fig.along) if norm else tuple(0.0 for _ in fig.adapters)
@@ -193,7 +194,7 @@ def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
     transposed_scale = fig.along_transposed / t_sq if fig.along_transposed is not None and t_sq else None
     # A merge at the base's own precision is no fault: the coarser of the base's and the
     # candidate's dtypes is the rounding every explanation may cost.
-    own = min(fig.dtype, fig.base_dtype, key=lambda d: MANTISSA_BITS.get(d, 24))
+    own = coarser_of(fig.dtype, fig.base_dtype)
     own_reach = max(fig.floors.get(fig.dtype, 0.0), fig.floors.get(own, 0.0), fig.floors.get("F32", 0.0))
     resolved = fig.update_sq > (slack * own_reach) ** 2
 
@@ -216,8 +217,6 @@ def classify(fig: ModuleFigures, *, slack: float) -> ModuleVerdict:
     if fig.along_transposed is not None and t_sq:
         transposed_sq = max(fig.change_sq - fig.along_transposed ** 2 / t_sq, 0.0)
     # Rounding grows with the values rounded: W + sum k_i U_i against W + U.
-    import numpy as np
-
     gram = np.array(fig.gram, dtype=np.float64)
     ks = np.array(factors, dtype=np.float64)
     along_base = np.array(fig.base_along or [0.0] * len(factors), dtype=np.float64)

@@ -130,20 +130,23 @@ class ParityItem(ComparisonItem):
                                           parity.greedy_prompts(), settings, deadline,
                                           blame=self._blame(chain, self.stage, dtype))
             if not report.ok:  # what the merge did to the weights: the diagnosis of this stage
-                verdict = self.run.merge_verdict(self.stage)
-                report.details.append(verdict)
-                report.metrics["merge_diagnosis"] = verdict
+                self._add_verdict(report, self.stage)
         else:
             report = parity.compare_reference(runner, sides if chain.n else None, ("reference", self.backend),
                                               parity.corpus_texts((), settings.corpus), settings, deadline,
                                               blame=self._blame(chain, chain.n, dtype) if chain.n else "")
             if not report.ok and chain.n:
-                verdict = self.run.merge_verdict()
-                report.details.append(verdict)
-                report.metrics["merge_diagnosis"] = verdict
+                self._add_verdict(report, None)
         if report.skipped:
             pytest.skip(report.skipped)
         self.conclude(report)
+
+    def _add_verdict(self, report: Any, stage: int | None) -> None:
+        """The merge diagnosis (of stage k, or None: of the whole merge) under the failure and in
+        the figures."""
+        verdict = self.run.merge_verdict(stage)
+        report.details.append(verdict)
+        report.metrics["merge_diagnosis"] = verdict
 
     def _blame(self, chain: Any, stage: int, dtype: str) -> str:
         given = (stage == chain.n and chain.candidate is not None) or stage <= len(chain.given_stages)
