@@ -181,7 +181,7 @@ class Checkpoint(TokenizerFiles):
 
     def generation_eos_ids(self) -> set[int] | None:
         """The eos ids generation_config.json names, or None when it names no valid ones."""
-        return _id_set(self.generation_config.get("eos_token_id"))
+        return token_id_set(self.generation_config.get("eos_token_id"))
 
     def effective_eos_ids(self) -> set[int] | None:
         """The eos ids generation stops at as transformers and vLLM resolve them: the ones in
@@ -189,7 +189,7 @@ class Checkpoint(TokenizerFiles):
         build the generation config from the model config)."""
         if self.json(GENERATION_CONFIG).exists:
             return self.generation_eos_ids()
-        return _id_set(self.config_value("eos_token_id"))
+        return token_id_set(self.config_value("eos_token_id"))
 
     def config_value(self, key: str) -> Any:
         """config.json's `key`, else its text_config's: a multimodal config may keep the language
@@ -335,7 +335,7 @@ class Checkpoint(TokenizerFiles):
         return shapes[name].shape[0] if name is not None else None
 
 
-def _id_set(value: Any) -> set[int] | None:
+def token_id_set(value: Any) -> set[int] | None:
     """A token id or list of ids as a set; None unless every id is a non-negative integer."""
     ids = value if isinstance(value, list) else [value]
     if ids and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):

@@ -130,6 +130,10 @@ def append_text(text: str, path: Path) -> None:
 
 # --- Markdown -----------------------------------------------------------------------------------
 
+# Whether a serving path stops at the end-of-turn token (None: the template writes none).
+_STOPS_THERE = {True: "yes", False: "**no**", None: "(no end-of-turn token)"}
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -202,6 +206,15 @@ def markdown(report: Mapping[str, Any]) -> str:
                       f"{_cell(row.get('correlation'))} | {_cell(row.get('error'))} |" for row in rows[:_MAX_ROWS]]
             if len(rows) > _MAX_ROWS:
                 lines.append(f"\n{len(rows) - _MAX_ROWS} more in the JSON report's merge_diagnosis_modules.")
+        lines.append("")
+    stop_sets = next((i["metrics"]["stop_sets"] for i in checks if "stop_sets" in i["metrics"]), None)
+    if stop_sets:
+        lines += ["### Stop sets", "", "The token ids each serving path stops at, and whether the chat template's "
+                  "end-of-turn token is one of them.", "",
+                  "| path | stops at | from | end-of-turn | stops there |", "|---|---|---|---|---|"]
+        lines += [f"| {row['path']} | {_cell(row['stop_ids'])} | {_cell(row['source'])} | "
+                  f"{_cell(row['end_of_turn'])} {_cell(row['end_of_turn_id'])} | "
+                  f"{_STOPS_THERE[row['stops_at_end_of_turn']]} |" for row in stop_sets]
         lines.append("")
     if checks:
         lines += ["### Checkpoint checks", "", "| item | outcome | findings |", "|---|---|---|"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import audit, files, shards, tensors
+from . import audit, files, shards, stops, tensors
 from .base import Check, CheckOutcome, Context, run_check
 
 # Items are collected in this order, group by group.
@@ -26,6 +26,7 @@ ALL_CHECKS: tuple[Check, ...] = (
     Check("generation_config", ("GEN001", "GEN002", "GEN004", "GEN005", "GEN007"), False,
           files.check_generation_config),
     Check("generation_config_vs_base", ("GEN003", "GEN006"), True, files.check_generation_config_vs_base),
+    Check("stop_sets", ("GEN008",), False, stops.check_stop_sets, figures=stops.stop_set_figures),
     Check("tokenizer", ("TOK001",), False, files.check_tokenizer),
     Check("tokenizer_vs_base", ("TOK002", "TOK003", "TOK007", "TOK008"), True, files.check_tokenizer_vs_base),
     Check("chat_template_vs_base", ("TOK004", "TOK005", "TOK006"), True, files.check_chat_template_vs_base),

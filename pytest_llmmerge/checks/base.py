@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from ..checkpoint import Checkpoint
 from ..file_names import WEIGHTS_FILE
+from ..stop_sets import VllmStopFlags
 from .codes import CODES
 
 Severity = Literal["error", "warning"]
@@ -49,6 +50,9 @@ class Context:
     adapters: tuple[Path, ...] = ()  # merged into the model, in order (for the weight and audit checks)
     max_weight_change: float | None = None
     audit_max_error: float = 0.001
+    # The flags that decide vLLM's stop ids: --llm-vllm-arg's (offline) and --llm-serve-arg's (served).
+    offline_stop_flags: VllmStopFlags = field(default_factory=VllmStopFlags)
+    served_stop_flags: VllmStopFlags = field(default_factory=VllmStopFlags)
     progress: Callable[[str], None] | None = None
     memo: dict[str, Any] = field(default_factory=dict, compare=False)  # results shared by the checks
 

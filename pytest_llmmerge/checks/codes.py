@@ -38,6 +38,10 @@ CODES: dict[str, tuple[str, str]] = {
     "GEN007": ("warning: no generation_config.json; transformers and vLLM take eos from config.json "
                "(its ids are then checked like the file's)",
                "older models ship none; a merge that lost it while the base has one is caught by GEN003/GEN005"),
+    "GEN008": ("a serving path (HF generate, vLLM offline, vLLM served with the deployment's flags) does not stop "
+               "at the chat template's end-of-turn token",
+               "vLLM #45591 (--override-generation-config drops eos_token_id), #4180/#792 (stops under HF, not "
+               "vLLM), Unsloth #5386 and EasyR1 #11007 (eos rewritten on save): chat answers run to max_tokens"),
     "TOK001": ("tokenizer files missing or not valid JSON", "an interrupted merge writes the tokenizer last"),
     "TOK002": ("the bos or eos token differs from the base (they change how prompts are encoded and where "
                "generation stops)", "eos rewritten after chat fine-tuning (unsloth #5386)"),

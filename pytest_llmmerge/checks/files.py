@@ -22,6 +22,7 @@ from ..file_names import (
     TOKENIZER_MODEL_FILES,
 )
 from ..model_config import CONFIG_KEYS_COMPUTED
+from ..stop_sets import end_of_turn_of
 from .base import CheckSkipped, Context, Finding, Severity
 
 # Special-token roles that change generation: bos is put into every prompt, eos is where it
@@ -39,14 +40,14 @@ _GENERATION_DEFAULTS: dict[str, Any] = {
 _GEN_IGNORED = {"transformers_version", "eos_token_id", "_from_model_config"}
 
 
-def _tok(ckpt: Checkpoint, token_id: int) -> str:
+def token_label(ckpt: Checkpoint, token_id: int) -> str:
     """`id (content)` using the checkpoint's tokenizer, for messages a person can act on."""
     names = {v: k for k, v in ckpt.token_ids.items()}
     return f"{token_id} ({names[token_id]})" if token_id in names else str(token_id)
 
 
-def _ids(ckpt: Checkpoint, ids: Iterable[int]) -> str:
-    return "[" + ", ".join(_tok(ckpt, i) for i in sorted(ids)) + "]"
+def ids_label(ckpt: Checkpoint, ids: Iterable[int]) -> str:
+    return "[" + ", ".join(token_label(ckpt, i) for i in sorted(ids)) + "]"
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def check_generation_config(ctx: Context) -> list[Finding]:
                             f"eos_token_id (found {model.config.get('eos_token_id')!r}): HF generate and vLLM "
                             "have no eos id and never stop", GENERATION_CONFIG)]
         findings.append(Finding("GEN007", "warning", f"generation_config.json is missing: transformers and vLLM "
-                                f"stop at config.json's eos_token_id {_ids(model, eos)} and use their own "
+                                f"stop at config.json's eos_token_id {ids_label(model, eos)} and use their own "
                                 "sampling defaults", GENERATION_CONFIG))
     elif gen.error:
         return [Finding("GEN001", "error", f"generation_config.json {gen.error}", GENERATION_CONFIG)]
@@ -177,33 +178,27 @@ def check_generation_config(ctx: Context) -> list[Finding]:
             severity = _eos_gap_severity(ctx, content, Checkpoint.effective_eos_ids,
                                          lambda c: (c.tokenizer_eos() or ("", None))[0])
             findings.append(Finding("GEN004", severity,
-                                    f"tokenizer eos {_tok(model, token_id)} is not in eos_token_id "
-                                    f"{_ids(model, eos)}: vLLM stops at it, HF generate does not. {_eos_fix(model, token_id)}",
+                                    f"tokenizer eos {token_label(model, token_id)} is not in eos_token_id "
+                                    f"{ids_label(model, eos)}: vLLM stops at it, HF generate does not. "
+                                    f"{eos_fix(model, token_id)}",
                                     GENERATION_CONFIG))
-    end_of_turn = _end_of_turn(model)
+    end_of_turn = end_of_turn_of(model)
     if end_of_turn is not None:
         token_id = model.token_ids.get(end_of_turn)
         if token_id is not None and token_id not in eos:
-            severity = _eos_gap_severity(ctx, end_of_turn, Checkpoint.effective_eos_ids, _end_of_turn)
+            severity = _eos_gap_severity(ctx, end_of_turn, Checkpoint.effective_eos_ids, end_of_turn_of)
             findings.append(Finding("GEN005", severity,
-                                    f"the chat template ends assistant turns with {_tok(model, token_id)} but "
-                                    f"eos_token_id is {_ids(model, eos)}: chat answers will not stop. {_eos_fix(model, token_id)}",
+                                    f"the chat template ends assistant turns with {token_label(model, token_id)} but "
+                                    f"eos_token_id is {ids_label(model, eos)}: chat answers will not stop. "
+                                    f"{eos_fix(model, token_id)}",
                                     GENERATION_CONFIG))
     return findings
 
 
-def _eos_fix(model: Checkpoint, token_id: int) -> str:
+def eos_fix(model: Checkpoint, token_id: int) -> str:
     if model.has(GENERATION_CONFIG):
         return f"Fix: add {token_id} to eos_token_id in {GENERATION_CONFIG}"
     return f"Fix: write a {GENERATION_CONFIG} (the base's, if it has one) whose eos_token_id holds {token_id}"
-
-
-def _end_of_turn(ckpt: Checkpoint) -> str | None:
-    found = ckpt.chat_template()
-    if found is None:
-        return None
-    known = [t["content"] for t in ckpt.added_tokens()] + list(ckpt.special_tokens().values())
-    return chat_template.end_of_turn_token(found[0], ckpt.special_tokens(), known)
 
 
 def check_generation_config_vs_base(ctx: Context) -> list[Finding]:
@@ -218,7 +213,7 @@ def check_generation_config_vs_base(ctx: Context) -> list[Finding]:
     lost = base_eos - eos
     if lost:
         findings.append(Finding("GEN003", "error",
-                                f"eos_token_id {_ids(model, eos)} lacks the base's {_ids(base, lost)}: "
+                                f"eos_token_id {ids_label(model, eos)} lacks the base's {ids_label(base, lost)}: "
                                 f"generation will not stop there. " + (
                                     f"Fix: restore eos_token_id {sorted(base_eos)} from the base"
                                     if model.has(GENERATION_CONFIG) else
