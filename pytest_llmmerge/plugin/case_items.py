@@ -196,7 +196,7 @@ class CaseItem(pytest.Item):
             where = f"adapter-only ({dtype}, {self.backend}: {adapter_did})"
             if not adapter_fails and dtype != "float32":
                 # The same engine in float32; vLLM's exact side is HF's, as in parity.
-                exact = "hf" if self.backend == "vllm" else self.backend
+                exact = "hf" if self.backend in ("vllm", "vllm-serve") else self.backend
                 say(f"attribution {self.name}: the same case on the adapter-only model (float32, {exact})")
                 exact_fails, exact_did = self._run_on("adapter@float32", exact)
                 if exact_fails:

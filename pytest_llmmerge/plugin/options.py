@@ -27,7 +27,7 @@ def add_options(parser: pytest.Parser) -> None:
         if spec.kind == "bool":
             group.addoption(spec.flag, action="store_true", dest=dest, default=False, help=help_text)
             parser.addini(spec.ini, spec.help, type="bool", default=None)
-        elif spec.kind in ("paths", "names"):
+        elif spec.kind in ("paths", "names", "args"):
             group.addoption(spec.flag, action="append", dest=dest, default=None, metavar=spec.metavar,
                             help=help_text)
             parser.addini(spec.ini, spec.help, type="linelist", default=[])

@@ -34,7 +34,7 @@ from ..merge_diagnosis import diagnose
 from ..option_specs import OPTIONS
 from ..report import FINDINGS, versions
 from ..runner import Runner
-from ..settings import Settings, SettingsError, describe, resolve_settings, vllm_kwargs
+from ..settings import Settings, SettingsError, describe, resolve_settings, stop_flags, vllm_kwargs
 from ..suite import default_suite, looks_like_suite
 from ..variants import ADAPTER, MERGED, REFERENCE, Chain, VariantUnavailable
 from .case_items import CaseItem, DefaultSuite, SuiteFile
@@ -159,11 +159,16 @@ class LlmMergeRun:
             kwargs: dict[str, Any] = {"model_path": str(spec.path), "adapters": [str(a) for a in spec.adapters],
                                       "dtype": self.compute_dtype(spec), "device": settings.device,
                                       "threads": threads, "trust_remote_code": settings.trust_remote_code}
-            if backend == "vllm":
+            if backend in ("vllm", "vllm-serve"):
                 kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
                 if settings.kv_cache_gib is not None:
                     kwargs["kv_cache_bytes"] = int(settings.kv_cache_gib * 2**30)
+            if backend == "vllm":
                 kwargs["extra"] = vllm_kwargs(settings)
+            elif backend == "vllm-serve":
+                kwargs["serve_args"] = list(settings.serve_args)
+                # Inside the worker's load deadline, so the server's own reason is the one reported.
+                kwargs["ready_timeout_s"] = settings.load_timeout_s * 0.95
             return resolve_spec(backend), kwargs
 
         return Runner(worker_kwargs=worker_kwargs, log_dir=self._temp_dir("llmmerge-workers-"),
@@ -185,12 +190,14 @@ class LlmMergeRun:
         by the first check item: with --llm-build-merged, the candidate is built then."""
         if self._context is None:
             settings = self.settings
+            offline, served = stop_flags(settings)
             self._context = Context(
                 model=Checkpoint(self.the_chain.resolve(MERGED).path),
                 base=Checkpoint(settings.base) if settings.base else None,
                 allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
                 adapters=settings.adapters, max_weight_change=settings.max_weight_change,
-                audit_max_error=settings.audit_max_error, progress=self.say)
+                audit_max_error=settings.audit_max_error, progress=self.say,
+                offline_stop_flags=offline, served_stop_flags=served)
         return self._context
 
     def merge_verdict(self, stage: int | None = None) -> str:
