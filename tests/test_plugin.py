@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from breakage import BREAKAGES
-from conftest import BASE, MERGED
+from conftest import BASE, MERGED, REPO
 from pytest_llmmerge.checks import checks_of
 from pytest_llmmerge.option_specs import OPTIONS
 
@@ -190,3 +191,23 @@ def pytest_collection_modifyitems(items):
     assert re.search(r"TIMEOUT default-suite::\S+ \[3700\.0\]", guarded), guarded
     for user in (("--timeout=5",), ("-o", "timeout=7")):
         assert "TIMEOUT integrity::config []" in pytester.runpytest_subprocess(*args, *user).stdout.str()
+
+
+HIDE_VLLM = '''
+import importlib.util
+
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *args: None if name.split(".")[0] == "vllm" else _find_spec(name, *args)
+'''
+
+
+def test_served_backend_without_vllm_skips_with_the_install_command(pytester: pytest.Pytester) -> None:
+    """Where vllm does not import, the vllm-serve items skip with the reason and the install
+    command, as the offline backend's do, and the rest of the run goes on."""
+    pytester.makeconftest(HIDE_VLLM)  # beside the suite, so it is loaded before any item runs
+    shutil.copy(REPO / "example_suites" / "chat.yaml", pytester.path)
+    result = pytester.runpytest_subprocess(f"--llm-model={MERGED}", "--llm-backend=hf,vllm-serve", "-m",
+                                           "llmmerge_suite", "-k", "greeting and not zh", "chat.yaml", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED*backend 'vllm-serve' needs the vllm package: pip install 'pytest-llmmerge[[]vllm*"])
