@@ -28,6 +28,7 @@ from . import chat_template
 from .checkpoint import Checkpoint, token_id_set
 from .file_names import CONFIG, GENERATION_CONFIG
 from .text_files import read_text
+from .yaml_reader import read_yaml
 from .tokenizer_files import MAX_TEMPLATE_BYTES
 
 HF_PATH = "HF generate"
@@ -47,27 +48,34 @@ class VllmStopFlags:
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     chat_template: str | None = None  # a file, or the template itself (as vLLM takes it)
-
-    def described(self) -> str:
-        parts = [f"--generation-config {self.generation_config}"]
-        if self.override_generation_config:
-            parts.append(f"--override-generation-config {json.dumps(self.override_generation_config)}")
-        if self.tokenizer:
-            parts.append(f"--tokenizer {self.tokenizer}")
-        if self.chat_template:
-            parts.append("--chat-template " + (self.chat_template if len(self.chat_template) < 60 else "(inline)"))
-        return " ".join(parts)
+    hf_config_path: str | None = None  # where vLLM reads config and generation config instead of the model
 
 
 _SERVE_FLAGS = {"generation-config": "generation_config", "override-generation-config": "override_generation_config",
-                "tokenizer": "tokenizer", "chat-template": "chat_template"}
+                "tokenizer": "tokenizer", "chat-template": "chat_template", "hf-config-path": "hf_config_path"}
+# vLLM reads `--config FILE.yaml` as flags given before the command line's own.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def flags_from_serve_args(argv: Sequence[str]) -> VllmStopFlags:
     """The stop-relevant flags of a `vllm serve` command line (`--flag value` or `--flag=value`;
-    vLLM also accepts underscores).  The last occurrence wins, as with argparse."""
+    vLLM also accepts underscores), after those of a `--config` YAML file, which the command
+    line overrides.  The last occurrence wins, as with argparse."""
+    pairs = _flag_pairs(list(argv))
     values: dict[str, Any] = {}
-    args = list(argv)
+    for name, value in pairs:
+        if name == "config":
+            values.update(_config_file(value))
+    for name, value in pairs:
+        key = _SERVE_FLAGS.get(name)
+        if key is not None:
+            values[key] = value
+    return _flags(values)
+
+
+def _flag_pairs(args: list[str]) -> list[tuple[str, str]]:
+    """(flag name with dashes, value) for each flag this module reads or `--config`."""
+    pairs = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -75,16 +83,27 @@ def flags_from_serve_args(argv: Sequence[str]) -> VllmStopFlags:
         if not arg.startswith("--"):
             continue
         name, has_value, value = arg[2:].partition("=")
-        key = _SERVE_FLAGS.get(name.replace("_", "-"))
-        if key is None:
+        name = name.replace("_", "-")
+        if name not in _SERVE_FLAGS and name != "config":
             continue
         if not has_value:
             if i >= len(args):
                 raise ServeArgsError(f"--{name} needs a value")
             value = args[i]
             i += 1
-        values[key] = value
-    return _flags(values)
+        pairs.append((name, value))
+    return pairs
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    try:
+        data, _ = read_yaml(read_text(Path(path), MAX_CONFIG_BYTES))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ServeArgsError(f"--config {path} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise ServeArgsError(f"--config {path} is not a YAML mapping of flags")
+    return {key: data[k] for k in data
+            if (key := _SERVE_FLAGS.get(str(k).replace("_", "-"))) is not None and data[k] is not None}
 
 
 def flags_from_engine_args(kwargs: dict[str, Any]) -> VllmStopFlags:
@@ -102,10 +121,10 @@ def _flags(values: dict[str, Any]) -> VllmStopFlags:
                                  f"{exc.pos}): {override[:80]!r}") from None
     if not isinstance(override, dict):
         raise ServeArgsError(f"--override-generation-config must be a JSON object, got {override!r}")
+    texts = {k: None if values.get(k) is None else str(values[k])
+             for k in ("tokenizer", "chat_template", "hf_config_path")}
     return VllmStopFlags(generation_config=str(values.get("generation_config", "auto")),
-                         override_generation_config=override,
-                         tokenizer=None if values.get("tokenizer") is None else str(values["tokenizer"]),
-                         chat_template=None if values.get("chat_template") is None else str(values["chat_template"]))
+                         override_generation_config=override, **texts)
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,7 @@ class StopPath:
     end_of_turn: str | None  # the token its chat template ends an assistant turn with
     end_of_turn_id: int | None
     ignored_override: tuple[int, ...] = ()  # eos ids an --override-generation-config asked for in vain
+    unusable: str | None = None  # why vLLM would not start with these flags at all
 
     @property
     def stops_at_end_of_turn(self) -> bool | None:
@@ -130,7 +150,7 @@ class StopPath:
         """The report's row."""
         return {"path": self.name, "stop_ids": None if self.ids is None else sorted(self.ids), "source": self.source,
                 "end_of_turn": self.end_of_turn, "end_of_turn_id": self.end_of_turn_id,
-                "stops_at_end_of_turn": self.stops_at_end_of_turn}
+                "stops_at_end_of_turn": self.stops_at_end_of_turn, "unusable": self.unusable}
 
 
 def resolve(model: Checkpoint, *, offline: VllmStopFlags = VllmStopFlags(),
@@ -155,8 +175,16 @@ def _vllm_path(name: str, model: Checkpoint, flags: VllmStopFlags, end_of_turn: 
     if tokenizer_eos is not None and tokenizer_eos[1] is not None:
         ids.add(tokenizer_eos[1])
         sources.append("tokenizer eos" + (f" ({flags.tokenizer})" if flags.tokenizer else ""))
-    folder = model if flags.generation_config in ("auto", "vllm") else Checkpoint(Path(flags.generation_config))
-    where = "" if folder is model else f" of --generation-config {flags.generation_config}"
+    if flags.generation_config not in ("auto", "vllm"):
+        folder, where = Checkpoint(Path(flags.generation_config)), f" of --generation-config {flags.generation_config}"
+    elif flags.hf_config_path is not None:
+        folder, where = Checkpoint(Path(flags.hf_config_path)), f" of --hf-config-path {flags.hf_config_path}"
+    else:
+        folder, where = model, ""
+    if folder is not model and not folder.path.is_dir():
+        unusable = f"{where.removeprefix(' of ')} is not a directory: vllm serve refuses to start"
+    else:
+        unusable = None
     if folder.json(GENERATION_CONFIG).exists:
         found = folder.generation_eos_ids()
         sources.append(f"{GENERATION_CONFIG} eos_token_id{where}")
@@ -169,7 +197,7 @@ def _vllm_path(name: str, model: Checkpoint, flags: VllmStopFlags, end_of_turn: 
         end_of_turn = None if template is None else _end_of_turn_in(tokenizer, template)
     asked = token_id_set(flags.override_generation_config.get("eos_token_id")) or set()
     return StopPath(name, frozenset(ids) if ids else None, " + ".join(sources), end_of_turn,
-                    _id_of(tokenizer, end_of_turn), tuple(sorted(asked - ids)))
+                    _id_of(tokenizer, end_of_turn), tuple(sorted(asked - ids)), unusable)
 
 
 def end_of_turn_of(ckpt: Checkpoint) -> str | None:

@@ -73,9 +73,13 @@ class TokenizerFiles:
         return max(ids.values()) + 1 if ids else None
 
     def special_tokens(self) -> dict[str, str]:
-        """Role -> token content (bos/eos/unk/pad/..., plus additional ones by position)."""
+        """Role -> token content (bos/eos/unk/pad/..., plus additional ones by position).
+
+        special_tokens_map.json wins over tokenizer_config.json where both name a role, as
+        AutoTokenizer resolves them (measured with transformers 5.19: a map naming another eos
+        moves the tokenizer's eos, and vLLM's with it)."""
         merged: dict[str, Any] = {}
-        for source in (self.json_object(SPECIAL_TOKENS_MAP), self.tokenizer_config):
+        for source in (self.tokenizer_config, self.json_object(SPECIAL_TOKENS_MAP)):
             for key in SPECIAL_TOKEN_KEYS:
                 if key in source and source[key] is not None:
                     merged[key] = source[key]

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import BASE, MERGED
 from pytest_llmmerge import report
+from pytest_llmmerge.checks import checks_of
 
 SUITE = """\
 suite: gate
@@ -97,7 +98,8 @@ def test_xdist_gives_the_same_outcomes_as_a_serial_run(pytester: pytest.Pytester
     a = json.loads((pytester.path / "serial.json").read_text())
     b = json.loads((pytester.path / "parallel.json").read_text())
     assert outcomes(a) == outcomes(b)
-    assert len(outcomes(a)) == 11 + 4 + 3 + 1
+    # One item per integrity and weights check, plus the suite's.
+    assert len(outcomes(a)) == len(checks_of("integrity")) + len(checks_of("weights")) + 3 + 1
     # Each xdist process loads what its own items need; the controller adds up their loads.
     # Only the merged model: merged-vs-reference skips without an adapter or a forgetting limit.
     assert b["summary"]["model_loads"] >= a["summary"]["model_loads"] == 1

@@ -86,6 +86,7 @@ def test_override_generation_config_cannot_restore_an_eos_id(tmp_path: Path) -> 
     assert SERVED_PATH in lacking(findings)
     served = next(f for f in findings if f.message.startswith(SERVED_PATH))
     assert "applies no eos id from it (vLLM #45591)" in served.message and "[2]" in served.message
+    assert served.severity == "warning", "the file's own gap fails GEN005; this only says the flag cannot help"
 
 
 def test_generation_config_dir_flag_restores_the_served_path_only(tmp_path: Path) -> None:
@@ -145,14 +146,66 @@ def test_served_chat_template_decides_the_served_end_of_turn(tmp_path: Path) -> 
     assert "deploy the checkpoint's template" in findings[0].message
 
 
-def test_gap_the_base_has_on_the_same_path_only_warns(tmp_path: Path) -> None:
-    base = with_eos(side_files(BASE, tmp_path / "b"), [ENDOFTEXT])
+def test_a_flag_that_breaks_the_deployment_fails_whatever_the_base_does(tmp_path: Path) -> None:
+    """The base served with the same flag would break too; the deployment is broken all the same."""
+    pretrain = with_eos(tmp_path / "pretrain-gen", ENDOFTEXT)
+    flags = flags_from_serve_args(["--generation-config", str(pretrain)])
+    findings, _ = run(side_files(MERGED, tmp_path / "m"), BASE, served=flags)
+    assert lacking(findings) == [SERVED_PATH] and findings[0].severity == "error"
+    assert findings[0].file == f"{pretrain}/generation_config.json"
+
+
+def test_a_flag_that_changes_nothing_adds_no_second_finding(tmp_path: Path) -> None:
+    """The files lost the id (GEN005); `--generation-config vllm` serves the same ids: one
+    broken file, one failing check."""
     model = with_eos(side_files(MERGED, tmp_path / "m"), [ENDOFTEXT])
-    flags = flags_from_serve_args(["--generation-config", "vllm"])
-    findings, _ = run(model, base, served=flags)
-    assert lacking(findings) == [SERVED_PATH] and findings[0].severity == "warning"
-    findings, _ = run(model, BASE, served=flags)
-    assert findings[0].severity == "error"
+    findings, rows = run(model, BASE, served=flags_from_serve_args(["--generation-config", "vllm"]),
+                         offline=flags_from_engine_args({"generation_config": "vllm"}))
+    assert findings == [] and rows[SERVED_PATH]["stops_at_end_of_turn"] is False
+
+
+def test_hf_config_path_moves_the_generation_config_vllm_reads(tmp_path: Path) -> None:
+    other = with_eos(tmp_path / "hf-config", ENDOFTEXT)
+    findings, rows = run(side_files(MERGED, tmp_path / "m"), BASE,
+                         served=flags_from_serve_args([f"--hf-config-path={other}"]))
+    assert lacking(findings) == [SERVED_PATH]
+    assert "of --hf-config-path" in str(rows[SERVED_PATH]["source"])
+
+
+def test_flags_from_a_vllm_config_file_count_and_the_command_line_wins(tmp_path: Path) -> None:
+    pretrain = with_eos(tmp_path / "pretrain-gen", ENDOFTEXT)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"generation-config: {pretrain}\nmax_model_len: 256\n")
+    findings, _ = run(side_files(MERGED, tmp_path / "m"), served=flags_from_serve_args(["--config", str(config)]))
+    assert lacking(findings) == [SERVED_PATH]
+    flags = flags_from_serve_args(["--config", str(config), "--generation-config", "auto"])
+    assert flags.generation_config == "auto"
+    with pytest.raises(ServeArgsError, match="--config .* cannot be read"):
+        flags_from_serve_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_a_generation_config_folder_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    findings, rows = run(side_files(MERGED, tmp_path / "m"),
+                         offline=flags_from_engine_args({"generation_config": str(tmp_path / "nodir")}))
+    assert [f.code for f in findings] == ["GEN008"] and "vllm serve refuses to start" in findings[0].message
+    assert rows[OFFLINE_PATH]["unusable"]
+
+
+def test_the_offline_fix_is_spelled_as_an_engine_argument(tmp_path: Path) -> None:
+    pretrain = with_eos(tmp_path / "pretrain-gen", ENDOFTEXT)
+    findings, _ = run(side_files(MERGED, tmp_path / "m"),
+                      offline=flags_from_engine_args({"generation_config": str(pretrain)}))
+    assert lacking(findings) == [OFFLINE_PATH]
+    assert f"--llm-vllm-arg generation_config={pretrain}" in findings[0].message
+
+
+def test_special_tokens_map_eos_wins_as_transformers_loads_it(tmp_path: Path) -> None:
+    """transformers 5.19: special_tokens_map.json's eos overrides tokenizer_config.json's, and
+    vLLM stops at it."""
+    model = with_eos(side_files(MERGED, tmp_path / "m"), [ENDOFTEXT])
+    (model / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    findings, rows = run(model, served=flags_from_serve_args(["--generation-config", "vllm"]))
+    assert findings == [] and rows[SERVED_PATH]["stops_at_end_of_turn"] is True
 
 
 def test_no_chat_template_means_no_end_of_turn_to_check(tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ class CaseItem(pytest.Item):
             failure = CaseFailed([str(exc)], log_tail=exc.log_tail)
         else:
             self.user_properties += [("finish_reason", generation.finish_reason),
+                                     ("stop_token_id", generation.stop_token_id),
                                      ("new_tokens", len(generation.token_ids)),
                                      ("seconds", round(generation.seconds, 4))]
             reasons = evaluate(self.case, generation)
@@ -277,6 +278,8 @@ class CaseItem(pytest.Item):
         lines.append(f"  prompt: {_cut(prompt, 300)}")
         if error.generation is not None:
             g = error.generation
+            if case.messages is not None and g.prompt_text:  # the chat template's rendering (the server's, served)
+                lines.append(f"  prompt as rendered: {_cut(g.prompt_text, 300)}")
             lines.append(f"  output ({len(g.token_ids)} tokens, finish_reason={g.finish_reason}, "
                          f"stop token={g.stop_token_id}, budget={case.max_new_tokens}): {_cut(g.text, 500)}")
         if error.partial is not None:
