@@ -28,8 +28,8 @@ from . import chat_template
 from .checkpoint import Checkpoint, token_id_set
 from .file_names import CONFIG, GENERATION_CONFIG
 from .text_files import read_text
-from .yaml_reader import read_yaml
 from .tokenizer_files import MAX_TEMPLATE_BYTES
+from .yaml_reader import read_yaml
 
 HF_PATH = "HF generate"
 OFFLINE_PATH = "vLLM offline"
