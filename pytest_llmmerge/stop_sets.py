@@ -9,9 +9,11 @@ without loading a model.
   are still read from the model); `--generation-config DIR` loads DIR's instead (its
   generation_config.json, else its config.json).  `--override-generation-config` changes
   sampling defaults only: its `eos_token_id` never reaches the stop ids (vLLM #45591), so it
-  cannot repair a lost end-of-turn id.  `--tokenizer DIR` moves the tokenizer eos to DIR's.
+  cannot repair a lost end-of-turn id.  `--hf-config-path DIR` moves the generation config
+  read in "auto" and "vllm" modes to DIR's; `--tokenizer DIR` moves the tokenizer eos (and
+  the chat template) to DIR's; a `--config FILE.yaml` gives flags the command line overrides.
 - The **end-of-turn token** is what the chat template writes after an assistant message; a
-  server given `--chat-template` renders with that template instead of the checkpoint's.
+  server given `--chat-template` renders with that template instead of the tokenizer's.
 
 A path whose set lacks the end-of-turn id runs every chat answer to its token budget.
 """
@@ -182,7 +184,7 @@ def _vllm_path(name: str, model: Checkpoint, flags: VllmStopFlags, end_of_turn: 
     else:
         folder, where = model, ""
     if folder is not model and not folder.path.is_dir():
-        unusable = f"{where.removeprefix(' of ')} is not a directory: vllm serve refuses to start"
+        unusable = f"{where.removeprefix(' of ')} is not a directory: vLLM refuses to start"
     else:
         unusable = None
     if folder.json(GENERATION_CONFIG).exists:
@@ -195,6 +197,8 @@ def _vllm_path(name: str, model: Checkpoint, flags: VllmStopFlags, end_of_turn: 
     if flags.chat_template is not None:
         template = _served_template(flags.chat_template)
         end_of_turn = None if template is None else _end_of_turn_in(tokenizer, template)
+    elif flags.tokenizer:  # the chat template comes with the tokenizer vLLM loads
+        end_of_turn = end_of_turn_of(tokenizer)
     asked = token_id_set(flags.override_generation_config.get("eos_token_id")) or set()
     return StopPath(name, frozenset(ids) if ids else None, " + ".join(sources), end_of_turn,
                     _id_of(tokenizer, end_of_turn), tuple(sorted(asked - ids)), unusable)

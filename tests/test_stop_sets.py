@@ -187,7 +187,7 @@ def test_flags_from_a_vllm_config_file_count_and_the_command_line_wins(tmp_path:
 def test_a_generation_config_folder_that_does_not_exist_is_named(tmp_path: Path) -> None:
     findings, rows = run(side_files(MERGED, tmp_path / "m"),
                          offline=flags_from_engine_args({"generation_config": str(tmp_path / "nodir")}))
-    assert [f.code for f in findings] == ["GEN008"] and "vllm serve refuses to start" in findings[0].message
+    assert [f.code for f in findings] == ["GEN008"] and "vLLM refuses to start" in findings[0].message
     assert rows[OFFLINE_PATH]["unusable"]
 
 
@@ -255,3 +255,14 @@ def test_serve_args_from_the_environment_are_a_shell_command_line() -> None:
                                 ini=lambda key: None, invocation_dir=Path.cwd(), ini_dir=Path.cwd())
     assert settings.serve_args == ("--generation-config", "vllm", "--override-generation-config",
                                    '{"temperature": 0.5}')
+
+
+def test_a_served_tokenizer_brings_its_eos_and_its_chat_template(tmp_path: Path) -> None:
+    tokenizer = side_files(MERGED, tmp_path / "other-tokenizer")
+    (tokenizer / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|pad|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    flags = flags_from_serve_args(["--tokenizer", str(tokenizer)])
+    findings, rows = run(side_files(MERGED, tmp_path / "m"), served=flags)
+    assert rows[SERVED_PATH]["end_of_turn"] == "<|pad|>" and lacking(findings) == [SERVED_PATH]
+    assert "The tokenizer deployed" in findings[0].message
