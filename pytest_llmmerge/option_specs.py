@@ -120,6 +120,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "write the report as Markdown to PATH, and append it to $GITHUB_STEP_SUMMARY when that is set", "PATH",
     ),
     OptionSpec(
+        "baseline_save", "--llm-baseline-save", "llm_baseline_save", "LLMMERGE_BASELINE_SAVE", "path",
+        "write the run's baseline to DIR/baseline.json (schema: pytest_llmmerge/baseline.schema.json): every suite "
+        "case's output ids and text, finish reason and stop token per variant and backend, the parity and "
+        "weight figures, and the provenance (versions, dtype, device, hashes of the tokenizer files, chat template, "
+        "suites, corpus and tensor headers); small enough to commit with the release", "DIR",
+    ),
+    OptionSpec(
         "allow_pickle", "--llm-allow-pickle", "llm_allow_pickle", "LLMMERGE_ALLOW_PICKLE",
         "bool", "accept pickle-only weight files (.bin/.pt), which can run code when loaded",
     ),

@@ -54,6 +54,7 @@ class Settings:
     bisect: bool = False
     report: Path | None = None
     report_md: Path | None = None
+    baseline_save: Path | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf", "vllm")
@@ -252,6 +253,16 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> No
         if inside is not None:
             raise SettingsError(f"{given[dest]}: {report} lies inside the checkpoint directory {inside}; a report "
                                 "there could replace the checkpoint's own files: write it elsewhere")
+    if settings.baseline_save is not None:
+        if settings.model is None:
+            raise SettingsError(f"{given['baseline_save']}: needs --llm-model, the checkpoint the baseline describes")
+        if settings.baseline_save.exists() and not settings.baseline_save.is_dir():
+            raise SettingsError(f"{given['baseline_save']}: {settings.baseline_save} is a file; give the directory "
+                                "the baseline is written to")
+        inside = checkpoint_holding(settings, settings.baseline_save)
+        if inside is not None:
+            raise SettingsError(f"{given['baseline_save']}: {settings.baseline_save} lies inside the checkpoint "
+                                f"directory {inside}: write the baseline elsewhere")
     if settings.audit_merge and (settings.base is None or not settings.adapters):
         raise SettingsError("--llm-audit-merge needs --llm-base and the --llm-adapter(s) that were merged")
     if settings.bisect and (settings.base is None or not settings.adapters):

@@ -134,6 +134,8 @@ class CaseItem(pytest.Item):
         else:
             self.user_properties += [("finish_reason", generation.finish_reason),
                                      ("stop_token_id", generation.stop_token_id),
+                                     ("output_token_ids", list(generation.token_ids)),
+                                     ("output_text", generation.text),
                                      ("new_tokens", len(generation.token_ids)),
                                      ("seconds", round(generation.seconds, 4))]
             reasons = evaluate(self.case, generation)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .. import report
+from .. import baseline, report
+from ..provenance import provenance
 from ..report import FINDINGS, record, terminal_lines
 from ..settings import checkpoint_holding
 
@@ -73,12 +74,15 @@ class Reporting:
             self.config.workeroutput["llmmerge_workers"] = self.worker_stats()  # type: ignore[attr-defined]
             return
         settings = self.settings
-        if settings.report is None and settings.report_md is None:
+        if settings.report is None and settings.report_md is None and settings.baseline_save is None:
             return
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
-                             workers=self.worker_stats(), exit_status=int(exitstatus),
-                             created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                             workers=self.worker_stats(), exit_status=int(exitstatus), created=created)
         writes: list[tuple[str, Path, Any]] = []
+        if settings.baseline_save is not None:
+            saved = baseline.build(list(self.records.values()), provenance=self._provenance(), created=created)
+            writes.append(("baseline", settings.baseline_save, lambda path: baseline.write(saved, path)))
         if settings.report is not None:
             writes.append(("report", settings.report, lambda path: report.write_json(built, path)))
         if settings.report_md is not None:
@@ -100,6 +104,13 @@ class Reporting:
                 self.write_errors.append(f"{what} NOT written to {path}: {exc.strerror or exc}")
         if self.write_errors and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _provenance(self) -> dict[str, Any]:
+        settings = self.settings
+        assert settings.model is not None  # settings require --llm-model with --llm-baseline-save
+        suites = {self.config.rootpath / r.nodeid.split("::", 1)[0] for r in self.records.values() if r.kind == "suite"}
+        return provenance(settings.model, dtype=settings.dtype, device=settings.device, backends=settings.backends,
+                          suites=suites, corpus=settings.corpus)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Termination and parity figures per variant and backend, and the model loads per worker."""
