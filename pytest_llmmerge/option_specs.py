@@ -127,6 +127,24 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "suites, corpus and tensor headers); small enough to commit with the release", "DIR",
     ),
     OptionSpec(
+        "baseline", "--llm-baseline", "llm_baseline", "LLMMERGE_BASELINE", "path",
+        "compare the run with a release's baseline (DIR/baseline.json, written by --llm-baseline-save): adds "
+        "baseline::<case>[<variant>-<backend>] items (a case that stopped must still stop, its token count must not "
+        "grow past --llm-baseline-growth, greedy outputs equal or a near tie where they part) and "
+        "baseline::perplexity[<variant>-<backend>] (drift calibrated as parity is); provenance differences are "
+        "listed at the top of the run and in each failure", "DIR",
+    ),
+    OptionSpec(
+        "baseline_strict", "--llm-baseline-strict", "llm_baseline_strict", "LLMMERGE_BASELINE_STRICT", "bool",
+        "fail baseline::provenance when the run's provenance differs from the baseline's (library versions, dtype, "
+        "device, tokenizer files, chat template, suites, corpus, tensor headers) or cases are gone",
+    ),
+    OptionSpec(
+        "baseline_growth", "--llm-baseline-growth", "llm_baseline_growth", "LLMMERGE_BASELINE_GROWTH", "float",
+        "factor a case's output token count may grow by against the baseline (default 1.5; a growth of up to 8 "
+        "tokens always passes)", "FACTOR", maximum=1e6,
+    ),
+    OptionSpec(
         "allow_pickle", "--llm-allow-pickle", "llm_allow_pickle", "LLMMERGE_ALLOW_PICKLE",
         "bool", "accept pickle-only weight files (.bin/.pt), which can run code when loaded",
     ),

@@ -150,6 +150,8 @@ def judge_scores(report: ParityReport, sides: Sides, texts: Sequence[str], score
         floor=calibration.LOG_PPL_FLOOR, explicit=None if settings.ppl_rtol is None else math.log1p(settings.ppl_rtol),
         option="--llm-ppl-rtol (as ln(1 + rtol))")
     report.metrics.update(kl.figures("kl_mean"), **ppl.figures("log_ppl"))
+    report.metrics["kl_per_document"] = [{"document": text[:_DOC_CUT], "kl": calibration.mean_kl([k])}
+                                         for text, k in zip(texts, kls)]
     noise_line = f"the {sides.noise_name} model is {kl_n:.3g} nats from the {sides.truth_name} model"
     if not kl.ok:
         worst = max(range(len(texts)), key=lambda i: sum(kls[i]) / max(1, len(kls[i])))

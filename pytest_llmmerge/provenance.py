@@ -49,8 +49,15 @@ def tensor_headers_hash(ckpt: Checkpoint) -> str | None:
     return text_hash(json.dumps(rows))
 
 
+def _named(path: Path, root: Path | None) -> str:
+    """A suite's name: relative to the run's root (as in node ids), so a clone elsewhere matches."""
+    if root is not None and path.resolve().is_relative_to(root.resolve()):
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    return str(path)
+
+
 def provenance(model: Path, *, dtype: str, device: str, backends: Iterable[str], suites: Iterable[Path],
-               corpus: Path | None) -> dict[str, Any]:
+               corpus: Path | None, root: Path | None = None) -> dict[str, Any]:
     """The provenance of a run on `model` (see the module's docstring)."""
     ckpt = Checkpoint(model)
     template = ckpt.chat_template()
@@ -64,7 +71,7 @@ def provenance(model: Path, *, dtype: str, device: str, backends: Iterable[str],
         "model": str(model),
         "tokenizer_files": tokenizer_hashes(ckpt),
         "chat_template": None if template is None else text_hash(template[0]),
-        "suites": {str(path): file_hash(path) for path in sorted(set(suites)) if path.is_file()},
+        "suites": {_named(path, root): file_hash(path) for path in sorted(set(suites)) if path.is_file()},
         "corpus": corpus_hash,
         "tensor_headers": tensor_headers_hash(ckpt),
     }

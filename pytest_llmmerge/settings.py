@@ -55,6 +55,9 @@ class Settings:
     report: Path | None = None
     report_md: Path | None = None
     baseline_save: Path | None = None
+    baseline: Path | None = None
+    baseline_strict: bool = False
+    baseline_growth: float = 1.5
     allow_pickle: bool = False
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf", "vllm")
@@ -263,6 +266,19 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> No
         if inside is not None:
             raise SettingsError(f"{given['baseline_save']}: {settings.baseline_save} lies inside the checkpoint "
                                 f"directory {inside}: write the baseline elsewhere")
+    if settings.baseline is not None:
+        saved = settings.baseline / "baseline.json"
+        if not settings.baseline.is_dir():
+            raise SettingsError(f"{given['baseline']}: {settings.baseline} is not a directory (give the directory "
+                                "--llm-baseline-save wrote)")
+        if not saved.is_file():
+            raise SettingsError(f"{given['baseline']}: {saved} does not exist (write it with --llm-baseline-save "
+                                "on the release)")
+        if settings.model is None:
+            raise SettingsError(f"{given['baseline']}: needs --llm-model, the candidate to compare")
+    if settings.baseline_growth < 1:
+        raise SettingsError(f"{given['baseline_growth']}: {settings.baseline_growth} is below 1 (a factor the token "
+                            "count may grow by)")
     if settings.audit_merge and (settings.base is None or not settings.adapters):
         raise SettingsError("--llm-audit-merge needs --llm-base and the --llm-adapter(s) that were merged")
     if settings.bisect and (settings.base is None or not settings.adapters):

@@ -18,6 +18,7 @@ from ..runner import Pending
 from ..suite import SuiteError, load_suite
 from ..variants import BuildFailed
 from ..worker import DeadlineExceeded, WorkerError
+from .baseline_items import output_top_ids
 
 if TYPE_CHECKING:
     from ..backends.base import Generation
@@ -138,6 +139,11 @@ class CaseItem(pytest.Item):
                                      ("output_text", generation.text),
                                      ("new_tokens", len(generation.token_ids)),
                                      ("seconds", round(generation.seconds, 4))]
+            self.run.generations[self.nodeid] = generation
+            if self.run.settings.baseline_save is not None:
+                self.user_properties += [("output_top_ids", output_top_ids(self.run, self.variant, self.backend,
+                                                                           generation)),
+                                         ("top_k", self.run.settings.top_k)]
             reasons = evaluate(self.case, generation)
             if not reasons:
                 return

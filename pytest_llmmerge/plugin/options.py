@@ -14,6 +14,7 @@ MARKERS = (
     "llmmerge_suite: a prompt-suite case run on a model variant and backend",
     "llmmerge_parity: merged vs adapter-only / reference parity",
     "llmmerge_agreement: HF transformers vs vLLM on the same checkpoint",
+    "llmmerge_baseline: the candidate against a release's baseline (--llm-baseline, --llm-baseline-save)",
     "llmmerge_tag(name): a tag given to a suite case in its YAML",
 )
 

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .. import baseline, report
-from ..provenance import provenance
 from ..report import FINDINGS, record, terminal_lines
 from ..settings import checkpoint_holding
 
 if TYPE_CHECKING:
     from .run import LlmMergeRun
 
-_KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement")
+_KINDS = ("integrity", "weights", "audit", "suite", "parity", "agreement", "baseline")
 
 
 class Reporting:
@@ -74,7 +73,7 @@ class Reporting:
             self.config.workeroutput["llmmerge_workers"] = self.worker_stats()  # type: ignore[attr-defined]
             return
         settings = self.settings
-        if settings.report is None and settings.report_md is None and settings.baseline_save is None:
+        if all(path is None for path in (settings.report, settings.report_md, settings.baseline_save)):
             return
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
@@ -106,18 +105,19 @@ class Reporting:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _provenance(self) -> dict[str, Any]:
-        settings = self.settings
-        assert settings.model is not None  # settings require --llm-model with --llm-baseline-save
-        suites = {self.config.rootpath / r.nodeid.split("::", 1)[0] for r in self.records.values() if r.kind == "suite"}
-        return provenance(settings.model, dtype=settings.dtype, device=settings.device, backends=settings.backends,
-                          suites=suites, corpus=settings.corpus)
+        """The run's provenance, with the suites its items came from (the xdist controller
+        collects none itself)."""
+        root = self.config.rootpath
+        return self.run.provenance({root / r.nodeid.split("::", 1)[0] for r in self.records.values()
+                                    if r.kind == "suite"})
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         """Termination and parity figures per variant and backend, and the model loads per worker."""
         lines = terminal_lines(list(self.records.values()), self.worker_stats())
         failed = " ".join(self.write_errors)
         lines += [f"{what} written to {path}" for what, path in (("report", self.settings.report),
-                                                                ("Markdown report", self.settings.report_md))
+                                                                ("Markdown report", self.settings.report_md),
+                                                                ("baseline", self.settings.baseline_save))
                   if path and f" {path}:" not in failed]
         lines += self.write_errors
         if lines:

@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from .. import baseline
 from ..atomic import remove_dead_builds
 from ..backends import resolve_spec, unavailable
+from ..baseline_compare import provenance_differences
 from ..checkpoint import Checkpoint
 from ..checks import GROUPS
 from ..checks.audit import made_diagnosis
@@ -32,11 +34,13 @@ from ..checks.base import Context
 from ..handles import VariantHandle
 from ..merge_diagnosis import diagnose
 from ..option_specs import OPTIONS
+from ..provenance import provenance
 from ..report import FINDINGS, versions
 from ..runner import Runner
 from ..settings import Settings, SettingsError, describe, resolve_settings, stop_flags, vllm_kwargs
 from ..suite import default_suite, looks_like_suite
 from ..variants import ADAPTER, MERGED, REFERENCE, Chain, VariantUnavailable
+from .baseline_items import BaselineChecks, BaselineItem
 from .case_items import CaseItem, DefaultSuite, SuiteFile
 from .check_items import CheckGroup
 from .compare_items import AgreementChecks, ComparisonItem, ParityChecks
@@ -68,6 +72,9 @@ class LlmMergeRun:
         self.chain: Chain | None = None
         self.runner: Runner | None = None
         self._verdicts: dict[int | None, str] = {}
+        self.generations: dict[str, Any] = {}  # suite case node id -> its Generation, for baseline items
+        self.baseline: dict[str, Any] | None = None  # --llm-baseline's baseline.json
+        self._differences: dict[bool, list[str]] = {}
 
     # -- life cycle ------------------------------------------------------------------------
     @classmethod
@@ -85,6 +92,11 @@ class LlmMergeRun:
             raise pytest.UsageError(f"pytest-llmmerge: {exc}") from None
         run = cls(config, settings)
         config.stash[cls._KEY] = run
+        if settings.baseline is not None:
+            try:
+                run.baseline = baseline.load(settings.baseline)
+            except baseline.BaselineError as exc:
+                raise pytest.UsageError(f"pytest-llmmerge: --llm-baseline: {exc}") from None
         if settings.enabled:
             config.pluginmanager.register(Reporting(run), "llmmerge-reporting")
             run._unwind_on_sigterm()
@@ -185,6 +197,31 @@ class LlmMergeRun:
         assert self.runner is not None, "the plugin is off: no runner"
         return self.runner
 
+    @property
+    def the_baseline(self) -> dict[str, Any]:
+        assert self.baseline is not None, "no --llm-baseline"
+        return self.baseline
+
+    def provenance(self, suite_paths: Any) -> dict[str, Any]:
+        """This run's provenance (provenance.py), suites named relative to the root as node ids are."""
+        settings = self.settings
+        assert settings.model is not None  # settings require --llm-model with a baseline
+        return provenance(settings.model, dtype=settings.dtype, device=settings.device, backends=settings.backends,
+                          suites=suite_paths, corpus=settings.corpus, root=self.config.rootpath)
+
+    def baseline_differences(self, *, suites: bool = False) -> list[str]:
+        """How this run's provenance differs from the baseline's (with the suites this process
+        collected, or without them: the header is printed before collection)."""
+        if self.baseline is None:
+            return []
+        if suites not in self._differences:
+            saved = dict(self.baseline["provenance"])
+            now = self.provenance(self.suite_files if suites else ())
+            if not suites:
+                saved["suites"] = now["suites"] = {}
+            self._differences[suites] = provenance_differences(saved, now)
+        return self._differences[suites]
+
     def check_context(self) -> Context:
         """One Context per session, so every check shares the parsed files and headers.  Made
         by the first check item: with --llm-build-merged, the candidate is built then."""
@@ -282,7 +319,13 @@ class LlmMergeRun:
         if not self.enabled:
             return None
         found = versions()
-        return [*describe(self.settings), "llmmerge versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
+        lines = [*describe(self.settings), "llmmerge versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
+        if self.baseline is not None:
+            differences = self.baseline_differences()
+            lines.append(f"llmmerge baseline: {self.settings.baseline} (saved {self.baseline['created']}): "
+                         + (f"{len(differences)} provenance difference(s)" if differences else "same provenance"))
+            lines += [f"  {d}" for d in differences]
+        return lines
 
     def collect_file(self, file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
         """YAML suites: named on the command line, inside a directory named there, or matching a glob."""
@@ -320,11 +363,21 @@ class LlmMergeRun:
         if not self.suite_files and not any(isinstance(item, CaseItem) for item in items):
             items.extend(_generated(DefaultSuite.from_parent(session, name="default-suite", nodeid="default-suite",
                                                              suite=default_suite(), run=self)))
+        cases = [item for item in items if isinstance(item, CaseItem)]
+        items.extend(_generated(BaselineChecks.from_parent(session, name="baseline", nodeid="baseline", run=self,
+                                                           cases=cases)))
         items.extend(_generated(ParityChecks.from_parent(session, name="parity", nodeid="parity", run=self)))
         items.extend(_generated(AgreementChecks.from_parent(session, name="agreement", nodeid="agreement", run=self)))
         order = {key: i for i, key in enumerate(dict.fromkeys(i.worker_key for i in items if isinstance(i, CaseItem)))}
-        items.sort(key=lambda i: (1, order[i.worker_key]) if isinstance(i, CaseItem) else
-                   (2, 0) if isinstance(i, ComparisonItem) else (0, 0))
+        # A case's baseline item right after its worker's cases, while that model is loaded.
+        def place(i: pytest.Item) -> tuple[int, int, int]:
+            if isinstance(i, CaseItem):
+                return 1, order[i.worker_key], 0
+            if isinstance(i, BaselineItem):
+                return 1, order.get(i.worker_key, len(order)) if i.worker_key else len(order), 1
+            return (2, 0, 0) if isinstance(i, ComparisonItem) else (0, 0, 0)
+
+        items.sort(key=place)
         self._add_outer_deadlines(items)
 
     def _add_outer_deadlines(self, items: list[pytest.Item]) -> None:
