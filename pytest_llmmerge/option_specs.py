@@ -145,6 +145,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "tokens always passes)", "FACTOR", maximum=1e6,
     ),
     OptionSpec(
+        "report_html", "--llm-report-html", "llm_report_html", "LLMMERGE_REPORT_HTML", "path",
+        "write the report as one self-contained HTML file to PATH: verdict, filterable item table, plots of the "
+        "parity margins, per-layer change, merge diagnosis and KL per document (with the `html` extra: matplotlib), "
+        "suite outcomes per variant and backend, and the baseline comparison side by side", "PATH",
+    ),
+    OptionSpec(
         "allow_pickle", "--llm-allow-pickle", "llm_allow_pickle", "LLMMERGE_ALLOW_PICKLE",
         "bool", "accept pickle-only weight files (.bin/.pt), which can run code when loaded",
     ),

@@ -58,6 +58,7 @@ class Settings:
     baseline: Path | None = None
     baseline_strict: bool = False
     baseline_growth: float = 1.5
+    report_html: Path | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     backends: tuple[str, ...] = ("hf", "vllm")
@@ -243,7 +244,7 @@ def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> No
             raise SettingsError(f"{flag}: {path} is not a directory (give the checkpoint directory)")
         if not _entries(flag, path):
             raise SettingsError(f"{flag}: {path} is empty (no config.json, no weights)")
-    for dest in ("report", "report_md"):
+    for dest in ("report", "report_md", "report_html"):
         report: Path | None = getattr(settings, dest)
         if report is None:
             continue

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .. import baseline, report
+from .. import baseline, html_report, report
 from ..report import FINDINGS, record, terminal_lines
 from ..settings import checkpoint_holding
 
@@ -73,7 +73,8 @@ class Reporting:
             self.config.workeroutput["llmmerge_workers"] = self.worker_stats()  # type: ignore[attr-defined]
             return
         settings = self.settings
-        if all(path is None for path in (settings.report, settings.report_md, settings.baseline_save)):
+        if all(path is None for path in (settings.report, settings.report_md, settings.report_html,
+                                          settings.baseline_save)):
             return
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         built = report.build(list(self.records.values()), settings=dataclasses.asdict(settings),
@@ -84,6 +85,9 @@ class Reporting:
             writes.append(("baseline", settings.baseline_save, lambda path: baseline.write(saved, path)))
         if settings.report is not None:
             writes.append(("report", settings.report, lambda path: report.write_json(built, path)))
+        if settings.report_html is not None:
+            page = html_report.render(built)
+            writes.append(("HTML report", settings.report_html, lambda path: report.write_text(page, path)))
         if settings.report_md is not None:
             text = report.markdown(built)
             writes.append(("Markdown report", settings.report_md, lambda path: report.write_text(text, path)))
@@ -117,6 +121,7 @@ class Reporting:
         failed = " ".join(self.write_errors)
         lines += [f"{what} written to {path}" for what, path in (("report", self.settings.report),
                                                                 ("Markdown report", self.settings.report_md),
+                                                                ("HTML report", self.settings.report_html),
                                                                 ("baseline", self.settings.baseline_save))
                   if path and f" {path}:" not in failed]
         lines += self.write_errors
